@@ -1,0 +1,1 @@
+"""Paper reproductions on an absl launcher: `python -m experiments.main --config=... --workdir=...`."""

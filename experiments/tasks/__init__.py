@@ -1,0 +1,1 @@
+"""One module per experiment task; each exposes `run(config, workdir) -> dict`."""
