@@ -1,0 +1,371 @@
+"""kdjax.divergences against an independent float64 NumPy/SciPy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+from hypothesis import given, settings, strategies as st
+from jax.test_util import check_grads
+
+from kdjax import divergences as D
+from kdjax import reductions as R
+
+LOGIT_FNS = {
+    "forward_kl": D.forward_kl,
+    "reverse_kl": D.reverse_kl,
+    "skew_forward_kl": D.skew_forward_kl,
+    "skew_reverse_kl": D.skew_reverse_kl,
+    "generalized_jsd": D.generalized_jsd,
+    "total_variation": D.total_variation,
+}
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _rel(p, q):
+  return scipy.special.rel_entr(p, q).sum(-1)
+
+
+def reference(name, zs, zt, *, temperature=1.0, skew=0.1, beta=0.5):
+  """Straightforward float64 NumPy formulas, written independently of kdjax."""
+  ps = scipy.special.softmax(np.asarray(zs, np.float64) / temperature, axis=-1)
+  pt = scipy.special.softmax(np.asarray(zt, np.float64) / temperature, axis=-1)
+  if name == "forward_kl":
+    return _rel(pt, ps)
+  if name == "reverse_kl":
+    return _rel(ps, pt)
+  if name == "skew_forward_kl":
+    return _rel(pt, skew * pt + (1 - skew) * ps)
+  if name == "skew_reverse_kl":
+    return _rel(ps, skew * ps + (1 - skew) * pt)
+  if name == "generalized_jsd":
+    m = beta * pt + (1 - beta) * ps
+    return beta * _rel(pt, m) + (1 - beta) * _rel(ps, m)
+  if name == "total_variation":
+    return 0.5 * np.abs(pt - ps).sum(-1)
+  raise KeyError(name)
+
+
+def _kwargs(name, skew=0.1, beta=0.5):
+  return {"skew": skew} if "skew" in name else {"beta": beta} if "jsd" in name else {}
+
+
+def _ref_kwargs(name, skew=0.1, beta=0.5):
+  return {"skew": skew, "beta": beta}
+
+
+# ----------------------------------------------------------------------------- pinned values
+
+
+def test_direction_pinned_two_class():
+  # Teacher p = (0.9, 0.1), student q = (0.5, 0.5) (kd_losses.md checklist item 1).
+  zt = jnp.log(jnp.array([0.9, 0.1]))
+  zs = jnp.log(jnp.array([0.5, 0.5]))
+  assert float(D.forward_kl(zs, zt)) == pytest.approx(0.3681, abs=5e-5)
+  assert float(D.reverse_kl(zs, zt)) == pytest.approx(0.5108, abs=5e-5)
+
+
+def test_hand_computed_two_class_family(x64):
+  p, q = np.array([0.9, 0.1]), np.array([0.5, 0.5])   # teacher, student
+  zt, zs = jnp.log(p), jnp.log(q)
+  m = 0.1 * p + 0.9 * q                                # skew mixture for lambda = 0.1
+  assert float(D.skew_forward_kl(zs, zt, skew=0.1)) == pytest.approx(
+      0.9 * np.log(0.9 / m[0]) + 0.1 * np.log(0.1 / m[1]), rel=1e-12)
+  m2 = 0.1 * q + 0.9 * p
+  assert float(D.skew_reverse_kl(zs, zt, skew=0.1)) == pytest.approx(
+      0.5 * np.log(0.5 / m2[0]) + 0.5 * np.log(0.5 / m2[1]), rel=1e-12)
+  mj = np.array([0.7, 0.3])                            # beta = 0.5 mixture
+  jsd = 0.5 * (0.9 * np.log(0.9 / 0.7) + 0.1 * np.log(0.1 / 0.3)) + 0.5 * (
+      0.5 * np.log(0.5 / 0.7) + 0.5 * np.log(0.5 / 0.3))
+  assert float(D.generalized_jsd(zs, zt, beta=0.5)) == pytest.approx(jsd, rel=1e-12)
+  assert float(D.total_variation(zs, zt)) == pytest.approx(0.4, rel=1e-12)
+
+
+def test_temperature_is_applied_to_both_sides(x64):
+  zs, zt = jnp.array([1.0, -2.0, 0.5]), jnp.array([3.0, 0.0, -1.0])
+  assert float(D.forward_kl(zs, zt, temperature=2.0)) == pytest.approx(
+      float(D.forward_kl(zs / 2, zt / 2)), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+logit_arrays = st.integers(0, 2**31 - 1).map(lambda seed: np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_FNS))
+@settings(max_examples=20, deadline=None)
+@given(rng=logit_arrays, temperature=st.sampled_from([0.5, 1.0, 3.0]),
+       coef=st.floats(0.0, 1.0), scale=st.floats(0.1, 20.0))
+def test_matches_float64_reference(name, rng, temperature, coef, scale):
+  zs = rng.normal(size=(3, 7)) * scale
+  zt = rng.normal(size=(3, 7)) * scale
+  kw = _kwargs(name, skew=coef, beta=coef)
+  expected = reference(name, zs, zt, temperature=temperature, skew=coef, beta=coef)
+  if name == "generalized_jsd" and coef in (0.0, 1.0):   # endpoint convention
+    expected = reference("forward_kl" if coef == 0 else "reverse_kl", zs, zt,
+                         temperature=temperature)
+  with jax.enable_x64(True):
+    got64 = np.asarray(LOGIT_FNS[name](zs, zt, temperature=temperature, **kw))
+  np.testing.assert_allclose(got64, expected, rtol=1e-9, atol=1e-12)
+  got32 = LOGIT_FNS[name](zs.astype(np.float32), zt.astype(np.float32),
+                          temperature=temperature, **kw)
+  assert got32.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got32), expected, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_FNS))
+def test_zero_iff_equal(name):
+  z = np.random.default_rng(0).normal(size=(5, 9)) * 3
+  np.testing.assert_allclose(np.asarray(LOGIT_FNS[name](z, z + 2.5)), 0.0, atol=1e-6)
+  other = np.roll(z, 1, axis=0)   # every row paired with a different row
+  assert np.all(np.asarray(LOGIT_FNS[name](z, other)) > 1e-4)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_FNS))
+def test_vocabulary_mask_equals_slicing(name):
+  rng = np.random.default_rng(1)
+  zs, zt = rng.normal(size=(4, 10)), rng.normal(size=(4, 10))
+  keep = np.ones(10, bool)
+  keep[[2, 5, 9]] = False
+  mask = np.broadcast_to(keep, zs.shape)
+  sliced = LOGIT_FNS[name](zs[:, keep], zt[:, keep])
+  masked = LOGIT_FNS[name](zs, zt, where=mask)
+  neg_inf = LOGIT_FNS[name](np.where(mask, zs, -np.inf), np.where(mask, zt, -np.inf))
+  np.testing.assert_allclose(masked, sliced, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(neg_inf, sliced, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_FNS))
+def test_batch_mask_zeroes_positions_and_gradients(name):
+  rng = np.random.default_rng(2)
+  zs, zt = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+  keep = np.array([True, False, True, True, False, True])
+  fn = LOGIT_FNS[name]
+  vals = fn(zs, zt, where=keep)
+  np.testing.assert_allclose(vals[keep], fn(zs[keep], zt[keep]), rtol=1e-6)
+  np.testing.assert_array_equal(vals[~keep], 0.0)
+  g = jax.grad(lambda s: fn(s, zt, where=keep).sum())(jnp.asarray(zs))
+  np.testing.assert_array_equal(g[~keep], 0.0)
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_FNS))
+def test_all_masked_rows_are_zero_without_nan(name):
+  fn = LOGIT_FNS[name]
+  zs = jnp.array([[1.0, 2.0, 3.0], [-jnp.inf, -jnp.inf, -jnp.inf]])
+  zt = jnp.array([[0.5, 0.0, 1.0], [-jnp.inf, -jnp.inf, -jnp.inf]])
+  vocab_none = jnp.zeros((2, 3), bool)
+  for kwargs, args in (({}, (zs, zt)), ({"where": vocab_none}, (zs, zt)),
+                       ({"where": jnp.array([False, False])}, (zs, zt))):
+    v = fn(*args, **kwargs)
+    g = jax.grad(lambda s: fn(s, args[1], **kwargs).sum())(args[0])
+    assert np.all(np.isfinite(v)) and np.all(np.isfinite(g))
+    np.testing.assert_array_equal(v[1], 0.0)
+    np.testing.assert_array_equal(g[1], 0.0)
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_FNS))
+def test_extreme_logits_finite_values_and_gradients(name):
+  fn = LOGIT_FNS[name]
+  zs = jnp.array([[1e4, -1e4, 0.0, 5.0], [-1e4, 1e4, 1e4, -1e4]])
+  zt = jnp.array([[-1e4, 1e4, 3.0, 0.0], [1e4, -1e4, 0.0, 1e4]])
+  for t in (0.5, 1.0, 4.0):
+    v = fn(zs, zt, temperature=t)
+    gs, gt = jax.grad(lambda s, u: fn(s, u, temperature=t).sum(), argnums=(0, 1))(zs, zt)
+    assert np.all(np.isfinite(v)), (name, t, v)
+    assert np.all(np.isfinite(gs)) and np.all(np.isfinite(gt)), (name, t)
+
+
+def test_bounded_divergences_saturate_on_extreme_logits():
+  zs = jnp.array([-1e4, 0.0])
+  zt = jnp.array([1e4, 0.0])  # teacher one-hot where the student has no mass
+  assert float(D.skew_forward_kl(zs, zt, skew=0.1)) == pytest.approx(np.log(10), rel=1e-5)
+  assert float(D.generalized_jsd(zs, zt, beta=0.5)) == pytest.approx(np.log(2), rel=1e-5)
+  assert float(D.total_variation(zs, zt)) == pytest.approx(1.0)
+
+
+def test_support_violation_is_inf_not_nan():
+  zs = jnp.array([0.0, -jnp.inf, 1.0])
+  zt = jnp.array([0.0, 2.0, 1.0])
+  assert float(D.forward_kl(zs, zt)) == np.inf
+  assert np.isfinite(float(D.reverse_kl(zs, zt)))
+  assert np.all(np.isfinite(jax.grad(lambda s: D.reverse_kl(s, zt))(zs)))
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_FNS))
+def test_bfloat16_inputs_computed_in_float32(name):
+  rng = np.random.default_rng(3)
+  zs, zt = rng.normal(size=(4, 16)) * 2, rng.normal(size=(4, 16)) * 2
+  zs16, zt16 = jnp.asarray(zs, jnp.bfloat16), jnp.asarray(zt, jnp.bfloat16)
+  out = LOGIT_FNS[name](zs16, zt16)
+  assert out.dtype == jnp.float32
+  expected = reference(name, np.asarray(zs16, np.float64), np.asarray(zt16, np.float64))
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_FNS))
+def test_jit_equals_no_jit_and_axis_moves(name):
+  rng = np.random.default_rng(4)
+  zs, zt = rng.normal(size=(3, 6, 5)), rng.normal(size=(3, 6, 5))
+  fn = LOGIT_FNS[name]
+  eager = fn(zs, zt, temperature=2.0)
+  jitted = jax.jit(lambda a, b: fn(a, b, temperature=2.0))(zs, zt)
+  np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-7)
+  moved = fn(np.moveaxis(zs, -1, 1), np.moveaxis(zt, -1, 1), temperature=2.0, axis=1)
+  np.testing.assert_allclose(eager, moved, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(LOGIT_FNS) if n != "total_variation"])
+def test_gradients_match_finite_differences(name, x64):
+  rng = np.random.default_rng(5)
+  zs, zt = jnp.asarray(rng.normal(size=(2, 4))), jnp.asarray(rng.normal(size=(2, 4)))
+  fn = LOGIT_FNS[name]
+  check_grads(lambda s, t: fn(s, t, temperature=1.5, **_kwargs(name, 0.3, 0.3)),
+              (zs, zt), order=2, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_traced_hyperparameters_are_accepted():
+  zs, zt = jnp.ones((2, 3)), jnp.arange(6.0).reshape(2, 3)
+  f = jax.jit(lambda t, b: D.generalized_jsd(zs, zt, temperature=t, beta=b))
+  np.testing.assert_allclose(f(2.0, 0.3), D.generalized_jsd(zs, zt, temperature=2.0, beta=0.3),
+                             rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"temperature": 0.0}, "temperature"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"axis": 2}, "axis"),
+    ({"where": np.ones((3,), bool)}, "where"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+  z = np.zeros((2, 4))
+  with pytest.raises(ValueError, match=match):
+    D.forward_kl(z, z, **kwargs)
+
+
+def test_bad_inputs():
+  z = np.zeros((2, 4))
+  with pytest.raises(ValueError, match="same shape"):
+    D.reverse_kl(z, np.zeros((2, 5)))
+  with pytest.raises(ValueError, match="skew"):
+    D.skew_forward_kl(z, z, skew=1.5)
+  with pytest.raises(ValueError, match="skew"):
+    D.skew_reverse_kl(z, z, skew=-0.1)
+  with pytest.raises(ValueError, match="beta"):
+    D.generalized_jsd(z, z, beta=2.0)
+  with pytest.raises(ValueError, match="endpoint"):
+    D.generalized_jsd(z, z, endpoint="nope")
+  with pytest.raises(TypeError, match="student_logits"):
+    D.forward_kl("logits", z)
+  with pytest.raises(TypeError, match="axis"):
+    D.forward_kl(z, z, axis=1.5)
+  with pytest.raises(ValueError, match="rank"):
+    D.forward_kl(np.float32(1.0), np.float32(1.0))
+
+
+# ----------------------------------------------------------------------------- probabilities
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")
+def test_probability_forms(x64):
+  p = np.array([0.5, 0.5, 0.0])
+  q = np.array([0.25, 0.25, 0.5])
+  assert float(D.kl(p, q)) == pytest.approx(np.log(2), rel=1e-12)       # 0 log 0 = 0
+  assert float(D.kl(q, p)) == np.inf                                    # support violation
+  assert float(D.kl_from_log(np.log(p), np.log(q))) == pytest.approx(np.log(2), rel=1e-12)
+  assert float(D.total_variation_from_probs(p, q)) == pytest.approx(0.5)
+  assert float(D.entropy_from_log(np.log(p))) == pytest.approx(np.log(2))
+  jsd = D.generalized_jsd_from_log(np.log(p), np.log(q), beta=0.5)
+  m = 0.5 * (p + q)
+  assert float(jsd) == pytest.approx(0.5 * _rel(p, m) + 0.5 * _rel(q, m), rel=1e-12)
+  with pytest.raises(ValueError, match="non-negative"):
+    D.kl(np.array([-0.1, 1.1]), np.array([0.5, 0.5]))
+
+
+def test_log_mixture_endpoints_and_gradient():
+  la = jnp.log(jnp.array([0.2, 0.8, 0.0]))
+  lb = jnp.log(jnp.array([0.5, 0.0, 0.5]))
+  np.testing.assert_allclose(jnp.exp(D.log_mixture(0.0, la, lb)), [0.5, 0.0, 0.5], atol=1e-7)
+  np.testing.assert_allclose(jnp.exp(D.log_mixture(1.0, la, lb)), [0.2, 0.8, 0.0], atol=1e-7)
+  np.testing.assert_allclose(jnp.exp(D.log_mixture(0.25, la, lb)), [0.425, 0.2, 0.375],
+                             rtol=1e-6)
+  g = jax.grad(lambda a: jnp.sum(jnp.where(jnp.isfinite(a), D.log_mixture(0.0, a, lb), 0.0)))(la)
+  assert np.all(np.isfinite(g))
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def test_sum_and_count_over_micro_batches_equals_full_batch():
+  rng = np.random.default_rng(6)
+  zs, zt = rng.normal(size=(10, 7, 5)), rng.normal(size=(10, 7, 5))
+  mask = rng.random((10, 7)) < 0.6
+  full = R.masked_mean(D.forward_kl(zs, zt), where=mask)
+  acc = R.zeros()
+  for sl in (slice(0, 1), slice(1, 5), slice(5, 10)):   # uneven micro-batches
+    acc = acc + R.masked_sum_and_count(D.forward_kl(zs[sl], zt[sl]), where=mask[sl])
+  np.testing.assert_allclose(R.finalize_mean(acc), full, rtol=1e-6)
+  expected = reference("forward_kl", zs, zt)[mask].mean()
+  np.testing.assert_allclose(full, expected, rtol=1e-5)
+  # The naive mean of micro-batch means is different: the bug sum-and-count avoids.
+  naive = np.mean([R.masked_mean(D.forward_kl(zs[sl], zt[sl]), where=mask[sl])
+                   for sl in (slice(0, 1), slice(1, 5), slice(5, 10))])
+  assert abs(naive - float(full)) > 1e-3
+
+
+def test_finalize_mean_of_nothing_is_zero_with_zero_gradient():
+  v = jnp.array([1.0, jnp.nan, 3.0])
+  none = jnp.zeros(3, bool)
+  assert float(R.masked_mean(v, where=none)) == 0.0
+  g = jax.grad(lambda x: R.masked_mean(x, where=none))(v)
+  np.testing.assert_array_equal(g, 0.0)
+  w = R.masked_mean(jnp.array([1.0, 2.0, 3.0]), weights=jnp.array([1.0, 0.0, 3.0]))
+  assert float(w) == pytest.approx(2.5)
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_sharded_over_8_devices_equals_single_device():
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rng = np.random.default_rng(7)
+  zs, zt = rng.normal(size=(16, 4, 11)).astype(np.float32), rng.normal(
+      size=(16, 4, 11)).astype(np.float32)
+  mask = rng.random((16, 4)) < 0.7
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  args = [jax.device_put(a, sharding) for a in (zs, zt, mask)]
+
+  def step(s, t, m):
+    loss_fn = lambda s_: R.masked_mean(D.generalized_jsd(s_, t, beta=0.3, temperature=2.0),
+                                       where=m)
+    return jax.value_and_grad(loss_fn)(s)
+
+  v_sharded, g_sharded = jax.jit(step)(*args)
+  assert len(g_sharded.sharding.device_set) == 8
+  v_single, g_single = jax.jit(step)(zs, zt, mask)
+  np.testing.assert_allclose(v_sharded, v_single, rtol=1e-6)
+  np.testing.assert_allclose(g_sharded, g_single, rtol=1e-5, atol=1e-8)
+
+  # The same mean written with shard_map and an explicit psum of (sum, count) pairs.
+  P = jax.sharding.PartitionSpec
+
+  def local(s, t, m):
+    return R.psum(R.masked_sum_and_count(D.generalized_jsd(s, t, beta=0.3, temperature=2.0),
+                                         where=m), "data")
+
+  pair = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 3,
+                               out_specs=P()))(*args)
+  np.testing.assert_allclose(R.finalize_mean(pair), v_single, rtol=1e-6)
