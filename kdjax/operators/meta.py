@@ -1,0 +1,108 @@
+r"""Anchored meta-teacher operators M_α(p0, q) (arXiv:2601.13100).
+
+[paper] Multi-generation distillation is a sequence of operators on distributions, each anchored
+to the base teacher p0 (Flouro & Chadwick, arXiv:2601.13100, C1–C2). The families, the weight
+convention (α = anchor weight, c = 1 − α on the previous generation) and the axioms M1–M7 are
+Design choice (kdjax) [proposed] (spec §4):
+
+==================  ==========================================  ===============================
+kind                formula                                     status
+==================  ==========================================  ===============================
+arithmetic          α p0 + c q                                  M1–M6 (pairwise contraction)
+geometric           p0^α q^c / Z  = softmax(α log p0 + c log q)  M1–M5, not M6; d_H contracts
+power (β ∈ [0,1])   (α p0^β + c q^β)^{1/β} / Z                   M1–M5 (β ∉ [0,1]: M4 fails)
+softened_anchor     α F_τ(p0) + c q                             valid for anchor F_τ(p0)
+softened_mixture    F_τ(α p0 + c q)                             M2 fails for τ ≠ 1 (failure F3)
+==================  ==========================================  ===============================
+
+Multiple base teachers: pass ``log_p0 = aggregate(teachers, weights=w, kind=...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from kdjax import _checks
+from kdjax.operators import _common as C
+from kdjax.operators.aggregation import aggregate
+from kdjax.operators.softening import soften
+
+Array = jax.Array
+
+__all__ = ["meta_teacher", "make_operator", "META_KINDS"]
+
+META_KINDS = ("arithmetic", "geometric", "power", "softened_anchor", "softened_mixture")
+
+# An operator (log_p0, log_q, alpha) -> log_m: what `recurse` and the axiom checkers consume.
+Operator = Callable[[Array, Array, Any], Array]
+
+
+def meta_teacher(log_p0: Array, log_q: Array, *, alpha: Any, kind: str = "arithmetic",
+                 beta: Any = None, temperature: Any = None, axis: int = -1) -> Array:
+  r"""The anchored target M_α(p0, q) built from base teacher p0 and previous student q.
+
+  .. math:: M^{\rm ar}_\alpha = \alpha p_0 + (1-\alpha) q,\quad
+            M^{\rm geo}_\alpha \propto p_0^\alpha q^{1-\alpha},\quad
+            M^{(\beta)}_\alpha \propto (\alpha p_0^\beta + (1-\alpha) q^\beta)^{1/\beta}.
+
+  Reference: arXiv:2601.13100 [paper] (framework); families Design choice (kdjax) [proposed].
+  Forward-KL contraction KL(p0 ‖ M_α(p0, q)) ≤ (1 − α) KL(p0 ‖ q) holds for arithmetic,
+  geometric and power β ∈ [0, 1] (see theory/recursive_meta_distillation.md).
+
+  Args:
+    log_p0: base-teacher log-probabilities ``[..., K]``.
+    log_q: previous-generation log-probabilities, same shape.
+    alpha: anchor weight in [0, 1]; a scalar, per-example ``[*batch]`` array, or traced.
+    kind: one of ``META_KINDS``.
+    beta: power-mean exponent for ``kind="power"``.
+    temperature: τ for ``softened_anchor`` / ``softened_mixture`` (power softening).
+    axis: class axis.
+
+  Returns:
+    log M_α(p0, q), same shape.
+  """
+  lp0 = C.as_log_probs("log_p0", log_p0)
+  lq = C.as_log_probs("log_q", log_q)
+  _checks.check_same_shape("log_p0", lp0, "log_q", lq)
+  ax = _checks.normalize_axis(axis, lp0.ndim)
+  C.check_alpha("alpha", alpha)
+  if kind not in META_KINDS:
+    raise ValueError(f"`kind` must be one of {META_KINDS}, got {kind!r}.")
+  if kind in ("softened_anchor", "softened_mixture"):
+    if temperature is None:
+      raise ValueError(f"`temperature` is required for kind={kind!r}.")
+  elif temperature is not None:
+    raise ValueError(f"`temperature` is only used by the softened kinds, got kind={kind!r}.")
+  dtype = _checks.compute_dtype(lp0, lq)
+  lp0, lq = lp0.astype(dtype), lq.astype(dtype)
+  a = jnp.asarray(alpha, dtype)
+  batch_shape = lp0.shape[:ax] + lp0.shape[ax + 1:]
+  if a.ndim:  # per-example anchor weights
+    a = jnp.broadcast_to(a, batch_shape)
+  weights = jnp.stack([a, 1.0 - a])
+  if kind == "softened_anchor":
+    lp0 = soften(lp0, temperature=temperature, axis=ax)
+    kind = "arithmetic"
+  stacked = jnp.stack([lp0, lq])
+  if kind == "softened_mixture":
+    mixed = aggregate(stacked, weights=weights, kind="arithmetic", axis=ax + 1)
+    return soften(mixed, temperature=temperature, axis=ax)
+  return aggregate(stacked, weights=weights, kind=kind,
+                   power=beta if kind == "power" else None, axis=ax + 1)
+
+
+def make_operator(kind: str = "arithmetic", *, beta: Any = None, temperature: Any = None,
+                  axis: int = -1) -> Operator:
+  """Returns ``op(log_p0, log_q, alpha) -> log_m`` for :func:`recurse` and the checkers."""
+  if kind not in META_KINDS:
+    raise ValueError(f"`kind` must be one of {META_KINDS}, got {kind!r}.")
+
+  def op(log_p0, log_q, alpha):
+    return meta_teacher(log_p0, log_q, alpha=alpha, kind=kind, beta=beta,
+                        temperature=temperature, axis=axis)
+
+  op.__name__ = f"meta_teacher_{kind}"
+  return op
