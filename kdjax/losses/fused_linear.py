@@ -1,0 +1,609 @@
+r"""Fused linear-head distillation losses for large vocabularies.
+
+The student's logits are ``z_S = x_S W_S^T`` (hidden states ``x_S [N, H]``, LM-head weight
+``W_S [V, H]``), the teacher's ``z_T = x_T W_T^T`` or precomputed ``teacher_logits [N, V]``. With
+N = 8192 tokens and V = 128256 one ``[N, V]`` float32 tensor is 4.2 GB and a plain
+value-and-grad keeps about five of them (XLA's own count: ~21 GB of temporaries). The functions
+here take the hidden states and head weights instead of logits and never hold the ``[N, V]``
+logits:
+
+* ``implementation="reference"`` materialises both logits and applies
+  :mod:`kdjax.divergences` — the oracle the fast paths are tested against.
+* ``implementation="chunked"``: ``lax.scan`` over token chunks of ``chunk_size`` rows. A
+  ``jax.custom_vjp`` stores nothing but the inputs; its backward pass recomputes each chunk's
+  logits, takes the chunk's logit gradient from the *same* per-chunk math as the reference
+  (``jax.vjp`` of the divergence on ``[C, V]``) and accumulates ``dW_S`` in float32.
+  Memory: ``O(C·V)`` plus the ``V×H`` float32 gradient accumulator.
+* ``implementation="streaming"``: ``lax.scan`` over vocabulary tiles of ``tile_size`` columns
+  with an online log-sum-exp, keeping a few float32 scalars per token (anchors §4.4):
+  forward KL and reverse KL need one pass (running max, sum of exponentials and the
+  ``Σ e^{t−m}(t−s)`` accumulator per side); generalized JSD and skew KL a second pass that forms
+  the mixture ``M`` tile by tile once both log-normalisers are known. The backward pass
+  recomputes the logits tile by tile from the stored scalars and writes ``dW_S`` one tile of
+  rows at a time. Memory: ``O(N·tile)`` plus the head-weight gradient.
+
+Per-token logit gradients (scaled logits s = z_S/T, t = z_T/T, p = softmax(s), q = softmax(t),
+all [proposed, derived] in anchors §4.4 and checked against autodiff of the reference in
+``tests/test_fused_linear.py``):
+
+.. math::
+  \partial_s \mathrm{KL}(q\|p) = p - q,\qquad
+  \partial_s \mathrm{KL}(p\|q) = p\odot(\log p - \log q - \mathrm{KL}(p\|q)),
+
+  \partial_s \mathrm{JSD}_\beta = p\odot(g - \langle p, g\rangle),\ g = (1-\beta)\log(p/M),
+  \quad M = \beta q + (1-\beta) p,
+
+  \partial_s \mathrm{KL}(q\,\|\,\lambda q + (1-\lambda)p) = p\odot(g - \langle p, g\rangle),\
+  g = -(1-\lambda)\,q/M,
+
+and ``∂z_S = ∂s / T``; the head gradients are ``dW_S = dz^T x_S`` and ``dx_S = dz W_S``.
+
+Semantics shared by every implementation:
+
+* The per-token loss is ``kd_weight · D(p_T, p_S; T) + ce_weight · CE(z_S, label)``. The
+  divergence uses the temperature on both sides; the cross-entropy uses the raw student logits
+  (T = 1), as in Hinton et al. (arXiv:1503.02531) [paper]. No T² factor is applied: pass
+  ``kd_weight=T**2`` for Hinton's scaling. The CE term exists only when ``labels`` is given.
+* ``where`` ([N] bool) and ``labels == ignore_index`` remove a token: value 0, gradient 0, and it
+  is not counted in the normaliser of the :class:`~kdjax.reductions.SumAndCount`.
+* The teacher is a constant (``stop_gradient``): no gradient flows to ``x_T``, ``W_T`` or
+  ``teacher_logits``.
+* Matmuls read the inputs in their own dtype (bfloat16 stays bfloat16) and accumulate in float32;
+  all softmax math is float32; the logit gradient is rounded to the head weight's dtype before
+  the two backward matmuls (as fused GPU kernels do) while ``dW_S`` is accumulated in float32.
+  Design choice (kdjax) [proposed].
+* Generalized JSD at a concrete β = 0 is forward KL and at β = 1 reverse KL, the endpoint
+  convention of :func:`kdjax.divergences.generalized_jsd` [proposed, following TRL and Liger].
+* Token counts that are not a multiple of ``chunk_size`` and vocabularies that are not a
+  multiple of ``tile_size`` work: the last window is shifted back to end at the last row
+  (no padded copy of a ``[V, H]`` weight or ``[N, V]`` teacher tensor is made) and the rows it
+  repeats are masked. Design choice (kdjax) [proposed].
+* Under ``jax.jit`` with token-sharded inputs on a mesh the result equals the single-device
+  one. For pure data parallelism without any cross-device traffic inside the loss, call it
+  inside ``jax.shard_map`` on the local tokens and add the pairs with
+  :func:`kdjax.reductions.psum`.
+
+Limitations: ``teacher_logits`` must be finite in the streaming path (use ``-1e9`` rather than
+``-inf`` to remove a word); top-k sparse teacher targets and output biases are not supported.
+
+Prior art [paper]: Liger-Kernel ``LigerFusedLinearJSDLoss`` (arXiv:2410.10989; token chunks,
+gradients in the forward pass), MaxText vocabulary tiling (token tiles + custom VJP), Levanter
+blockwise CE and Cut Cross-Entropy (arXiv:2411.09009; online log-sum-exp over the vocabulary,
+for CE only). The streaming KL/JSD/skew-KL statistics are [proposed] (anchors §4.4).
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax import _checks
+from kdjax import divergences
+from kdjax import reductions
+
+Array = jax.Array
+
+__all__ = [
+    "DIVERGENCES",
+    "IMPLEMENTATIONS",
+    "fused_linear_distillation",
+    "fused_linear_distillation_per_token",
+    "fused_linear_forward_kl",
+    "fused_linear_reverse_kl",
+    "fused_linear_generalized_jsd",
+    "fused_linear_skew_forward_kl",
+]
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl")
+IMPLEMENTATIONS = ("reference", "chunked", "streaming")
+
+
+class _Cfg(NamedTuple):
+  """Static configuration (hashable: a custom_vjp non-differentiable argument)."""
+  divergence: str
+  chunk_size: int
+  tile_size: int
+  has_labels: bool
+  teacher_is_logits: bool
+
+
+# ----------------------------------------------------------------------------- shared math
+
+
+def _matmul(x: Array, w: Array) -> Array:
+  # einsum, not x @ w.T: XLA:CPU copies a transposed weight for the latter (anchors §4.5).
+  return jnp.einsum("nh,vh->nv", x, w, preferred_element_type=jnp.float32)
+
+
+def _window(total: int, size: int, i: Array) -> tuple[Array, Array]:
+  """Start of window i (shifted back so it ends inside the array) and its not-yet-seen rows."""
+  nominal = i * size
+  start = jnp.minimum(nominal, total - size)
+  fresh = start + jnp.arange(size) >= nominal
+  return start, fresh
+
+
+def _num_windows(total: int, size: int) -> int:
+  return -(-total // size)
+
+
+def _teacher_rows(teacher: tuple, start, size: int, cfg: _Cfg) -> Array:
+  """Teacher logits of rows [start, start + size) (float32)."""
+  if cfg.teacher_is_logits:
+    (logits,) = teacher
+    return jax.lax.dynamic_slice_in_dim(logits, start, size, 0).astype(jnp.float32)
+  x_t, w_t = teacher
+  return _matmul(jax.lax.dynamic_slice_in_dim(x_t, start, size, 0), w_t)
+
+
+def _teacher_cols(teacher: tuple, start, size: int, cfg: _Cfg) -> Array:
+  """Teacher logits of all tokens for vocabulary columns [start, start + size)."""
+  if cfg.teacher_is_logits:
+    (logits,) = teacher
+    return jax.lax.dynamic_slice_in_dim(logits, start, size, 1).astype(jnp.float32)
+  x_t, w_t = teacher
+  return _matmul(x_t, jax.lax.dynamic_slice_in_dim(w_t, start, size, 0))
+
+
+def _values_from_logits(s_logits: Array, t_logits: Array, labels: Array, mask: Array,
+                        hp: Array, cfg: _Cfg) -> Array:
+  """Per-token loss from materialised float32 logits [C, V], built on kdjax.divergences."""
+  temperature, coef, kd_weight, ce_weight = hp[0], hp[1], hp[2], hp[3]
+  kw = dict(temperature=temperature, where=mask)
+  if cfg.divergence == "forward_kl":
+    d = divergences.forward_kl(s_logits, t_logits, **kw)
+  elif cfg.divergence == "reverse_kl":
+    d = divergences.reverse_kl(s_logits, t_logits, **kw)
+  elif cfg.divergence == "generalized_jsd":
+    d = divergences.generalized_jsd(s_logits, t_logits, beta=coef, **kw)
+  else:
+    d = divergences.skew_forward_kl(s_logits, t_logits, skew=coef, **kw)
+  values = kd_weight * d
+  if cfg.has_labels:
+    log_p = divergences.log_softmax(s_logits)
+    picked = jnp.take_along_axis(log_p, jnp.where(mask, labels, 0)[:, None], axis=-1)[:, 0]
+    values = values + ce_weight * jnp.where(mask, -picked, 0.0)
+  return jnp.where(mask, values, 0.0)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _reference(x_s, w_s, teacher, mask, labels, hp, cfg):
+  s = _matmul(x_s, w_s)
+  if cfg.teacher_is_logits:
+    t = teacher[0].astype(jnp.float32)
+  else:
+    t = _matmul(*teacher)
+  return _values_from_logits(s, jax.lax.stop_gradient(t), labels, mask, hp, cfg)
+
+
+# ----------------------------------------------------------------------------- chunked
+
+
+def _chunked_forward(x_s, w_s, teacher, mask, labels, hp, cfg):
+  n = x_s.shape[0]
+  c = cfg.chunk_size
+
+  def body(out, i):
+    start, fresh = _window(n, c, i)
+    s = _matmul(jax.lax.dynamic_slice_in_dim(x_s, start, c, 0), w_s)
+    t = _teacher_rows(teacher, start, c, cfg)
+    m = jax.lax.dynamic_slice_in_dim(mask, start, c, 0) & fresh
+    lab = jax.lax.dynamic_slice_in_dim(labels, start, c, 0)
+    v = _values_from_logits(s, t, lab, m, hp, cfg)
+    old = jax.lax.dynamic_slice_in_dim(out, start, c, 0)
+    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(fresh, v, old), start, 0), None
+
+  out, _ = jax.lax.scan(body, jnp.zeros((n,), jnp.float32), jnp.arange(_num_windows(n, c)))
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _chunked(x_s, w_s, teacher, mask, labels, hp, cfg):
+  return _chunked_forward(x_s, w_s, teacher, mask, labels, hp, cfg)
+
+
+def _chunked_fwd(x_s, w_s, teacher, mask, labels, hp, cfg):
+  out = _chunked_forward(x_s, w_s, teacher, mask, labels, hp, cfg)
+  return out, (x_s, w_s, teacher, mask, labels, hp)
+
+
+def _chunked_bwd(cfg, res, g):
+  x_s, w_s, teacher, mask, labels, hp = res
+  n = x_s.shape[0]
+  c = cfg.chunk_size
+
+  def body(carry, i):
+    dw, dx = carry
+    start, fresh = _window(n, c, i)
+    xc = jax.lax.dynamic_slice_in_dim(x_s, start, c, 0)
+    s = _matmul(xc, w_s)
+    t = _teacher_rows(teacher, start, c, cfg)
+    m = jax.lax.dynamic_slice_in_dim(mask, start, c, 0) & fresh
+    lab = jax.lax.dynamic_slice_in_dim(labels, start, c, 0)
+    gc = jnp.where(m, jax.lax.dynamic_slice_in_dim(g, start, c, 0), 0.0)
+    _, vjp = jax.vjp(lambda z: _values_from_logits(z, t, lab, m, hp, cfg), s)
+    (dz,) = vjp(gc.astype(jnp.float32))
+    dz = dz.astype(w_s.dtype)
+    dw = dw + jnp.einsum("cv,ch->vh", dz, xc.astype(w_s.dtype),
+                         preferred_element_type=jnp.float32)
+    dxc = jnp.einsum("cv,vh->ch", dz, w_s, preferred_element_type=jnp.float32)
+    old = jax.lax.dynamic_slice_in_dim(dx, start, c, 0)
+    dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(fresh[:, None], dxc, old), start, 0)
+    return (dw, dx), None
+
+  init = (jnp.zeros(w_s.shape, jnp.float32), jnp.zeros(x_s.shape, jnp.float32))
+  (dw, dx), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(n, c)))
+  return dx.astype(x_s.dtype), dw.astype(w_s.dtype), None, None, None, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _lse_step(m, l, z, valid):
+  """One online log-sum-exp step over a tile: returns (m', l', rescale, e = exp(z − m'))."""
+  zm = jnp.where(valid, z, -jnp.inf)
+  m_new = jnp.maximum(m, jnp.max(zm, axis=-1))
+  m_ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+  scale = jnp.where(jnp.isfinite(m), jnp.exp(m - m_ref), 0.0)
+  e = jnp.where(valid, jnp.exp(jnp.where(valid, z, 0.0) - m_ref[:, None]), 0.0)
+  return m_new, l * scale + jnp.sum(e, axis=-1), scale, e
+
+
+def _log_norm(m, l):
+  return jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
+
+
+def _tile_logits(x_s, w_s, teacher, start, size, cfg):
+  w_tile = jax.lax.dynamic_slice_in_dim(w_s, start, size, 0)
+  return _matmul(x_s, w_tile), _teacher_cols(teacher, start, size, cfg), w_tile
+
+
+def _mixture_terms(lp, lq, coef, cfg):
+  """Log-mixture log M for JSD (M = β q + (1−β) p) or skew KL (M = λ q + (1−λ) p)."""
+  log_c = jnp.log(coef)  # -inf at 0: logaddexp drops that term
+  log_1mc = jnp.log1p(-coef)
+  return jnp.logaddexp(log_c + lq, log_1mc + lp)
+
+
+def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
+  """Per-token float32 statistics: log-normalisers, divergence and the backward scalar."""
+  n, v = x_s.shape[0], w_s.shape[0]
+  vt = cfg.tile_size
+  temperature, coef = hp[0], hp[1]
+  nt = _num_windows(v, vt)
+  neg = jnp.full((n,), -jnp.inf, jnp.float32)
+  zero = jnp.zeros((n,), jnp.float32)
+
+  # Pass 1: log-normalisers of both sides (and of the raw student logits for CE), plus the
+  # one-pass KL accumulators a = Σ e^{t−m_t}(t − s), b = Σ e^{s−m_s}(s − t).
+  def pass1(carry, i):
+    ms, ls, mt, lt, a, b, mc, lc, picked = carry
+    start, fresh = _window(v, vt, i)
+    zs, zt, _ = _tile_logits(x_s, w_s, teacher, start, vt, cfg)
+    s, t = zs / temperature, zt / temperature
+    valid = fresh[None, :]
+    diff = jnp.where(valid, t - s, 0.0)
+    ms, ls, rs, es = _lse_step(ms, ls, s, valid)
+    mt, lt, rt, et = _lse_step(mt, lt, t, valid)
+    a = a * rt + jnp.sum(et * diff, axis=-1)
+    b = b * rs - jnp.sum(es * diff, axis=-1)
+    if cfg.has_labels:
+      mc, lc, _, _ = _lse_step(mc, lc, zs, valid)
+      cols = start + jnp.arange(vt)
+      hit = valid & (cols[None, :] == labels[:, None])
+      picked = picked + jnp.sum(jnp.where(hit, zs, 0.0), axis=-1)
+    return (ms, ls, mt, lt, a, b, mc, lc, picked), None
+
+  init = (neg, zero, neg, zero, zero, zero, neg, zero, zero)
+  (ms, ls, mt, lt, a, b, mc, lc, picked), _ = jax.lax.scan(pass1, init, jnp.arange(nt))
+  lse_s, lse_t = _log_norm(ms, ls), _log_norm(mt, lt)
+  safe_lt = jnp.where(lt > 0, lt, 1.0)
+  safe_ls = jnp.where(ls > 0, ls, 1.0)
+  stats = dict(lse_s=lse_s, lse_t=lse_t)
+  if cfg.divergence == "forward_kl":
+    stats["div"] = a / safe_lt - lse_t + lse_s
+    stats["aux"] = zero
+  elif cfg.divergence == "reverse_kl":
+    stats["div"] = b / safe_ls - lse_s + lse_t
+    stats["aux"] = stats["div"]  # the KL itself enters the backward pass
+  else:
+    # Pass 2: the mixture needs both normalisers, so it is a second sweep.
+    def pass2(carry, i):
+      div, aux = carry
+      start, fresh = _window(v, vt, i)
+      zs, zt, _ = _tile_logits(x_s, w_s, teacher, start, vt, cfg)
+      valid = fresh[None, :]
+      lp = zs / temperature - lse_s[:, None]
+      lq = zt / temperature - lse_t[:, None]
+      lm = _mixture_terms(lp, lq, coef, cfg)
+      p, q = jnp.exp(lp), jnp.exp(lq)
+      if cfg.divergence == "generalized_jsd":
+        term_s = jnp.sum(jnp.where(valid, p * (lp - lm), 0.0), axis=-1)
+        term_t = jnp.sum(jnp.where(valid, q * (lq - lm), 0.0), axis=-1)
+        div = div + coef * term_t + (1.0 - coef) * term_s
+        aux = aux + (1.0 - coef) * term_s          # <p, g>, g = (1 − β) log(p / M)
+      else:
+        div = div + jnp.sum(jnp.where(valid, q * (lq - lm), 0.0), axis=-1)
+        aux = aux - (1.0 - coef) * jnp.sum(jnp.where(valid, jnp.exp(lp + lq - lm), 0.0), -1)
+      return (div, aux), None
+
+    (div, aux), _ = jax.lax.scan(pass2, (zero, zero), jnp.arange(nt))
+    stats["div"], stats["aux"] = div, aux
+  if cfg.has_labels:
+    stats["lse_c"] = _log_norm(mc, lc)
+    stats["ce"] = stats["lse_c"] - picked
+  return stats
+
+
+def _stream_values(stats, mask, hp, cfg):
+  values = hp[2] * stats["div"]
+  if cfg.has_labels:
+    values = values + hp[3] * stats["ce"]
+  return jnp.where(mask, values, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _streaming(x_s, w_s, teacher, mask, labels, hp, cfg):
+  return _stream_values(_stream_stats(x_s, w_s, teacher, labels, hp, cfg), mask, hp, cfg)
+
+
+def _streaming_fwd(x_s, w_s, teacher, mask, labels, hp, cfg):
+  stats = _stream_stats(x_s, w_s, teacher, labels, hp, cfg)
+  return _stream_values(stats, mask, hp, cfg), (x_s, w_s, teacher, mask, labels, hp, stats)
+
+
+def _streaming_bwd(cfg, res, g):
+  x_s, w_s, teacher, mask, labels, hp, stats = res
+  v = w_s.shape[0]
+  vt = cfg.tile_size
+  temperature, coef, kd_weight, ce_weight = hp[0], hp[1], hp[2], hp[3]
+  g = jnp.where(mask, g, 0.0).astype(jnp.float32)
+  lse_s, lse_t, aux = stats["lse_s"][:, None], stats["lse_t"][:, None], stats["aux"][:, None]
+  x_w = x_s.astype(w_s.dtype)
+
+  def body(carry, i):
+    dw, dx = carry
+    start, fresh = _window(v, vt, i)
+    zs, zt, w_tile = _tile_logits(x_s, w_s, teacher, start, vt, cfg)
+    lp = zs / temperature - lse_s
+    lq = zt / temperature - lse_t
+    p = jnp.exp(lp)
+    if cfg.divergence == "forward_kl":
+      ds = p - jnp.exp(lq)
+    elif cfg.divergence == "reverse_kl":
+      ds = p * (lp - lq - aux)
+    elif cfg.divergence == "generalized_jsd":
+      ds = p * ((1.0 - coef) * (lp - _mixture_terms(lp, lq, coef, cfg)) - aux)
+    else:
+      lm = _mixture_terms(lp, lq, coef, cfg)
+      ds = -(1.0 - coef) * jnp.exp(lp + lq - lm) - p * aux
+    dz = (kd_weight / temperature) * ds
+    if cfg.has_labels:
+      cols = start + jnp.arange(vt)
+      onehot = (cols[None, :] == labels[:, None]).astype(jnp.float32)
+      dz = dz + ce_weight * (jnp.exp(zs - stats["lse_c"][:, None]) - onehot)
+    dz = jnp.where(fresh[None, :], g[:, None] * dz, 0.0).astype(w_s.dtype)
+    dw_tile = jnp.einsum("nv,nh->vh", dz, x_w, preferred_element_type=jnp.float32)
+    # Shifted last tile: its repeated rows carry dz = 0, so adding is exact.
+    old = jax.lax.dynamic_slice_in_dim(dw, start, vt, 0)
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dw_tile, start, 0)
+    dx = dx + jnp.einsum("nv,vh->nh", dz, w_tile, preferred_element_type=jnp.float32)
+    return (dw, dx), None
+
+  init = (jnp.zeros(w_s.shape, jnp.float32), jnp.zeros(x_s.shape, jnp.float32))
+  (dw, dx), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(v, vt)))
+  return dx.astype(x_s.dtype), dw.astype(w_s.dtype), None, None, None, None
+
+
+_streaming.defvjp(_streaming_fwd, _streaming_bwd)
+
+
+# ----------------------------------------------------------------------------- front end
+
+
+def _check_size(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"`{name}` must be a positive int, got {value!r}.")
+  if value < 1:
+    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+  return int(value)
+
+
+def _check_float(name: str, x: Any, rank: int) -> Array:
+  arr = _checks.check_array(name, x)
+  if not jnp.issubdtype(arr.dtype, jnp.floating):
+    raise TypeError(f"`{name}` must be a floating-point array, got dtype {arr.dtype}.")
+  if rank and arr.ndim != rank:
+    raise ValueError(f"`{name}` must have rank {rank}, got shape {arr.shape}.")
+  return arr
+
+
+def fused_linear_distillation_per_token(
+    student_hidden: Array, student_weight: Array, teacher_hidden: Array | None = None,
+    teacher_weight: Array | None = None, *, teacher_logits: Array | None = None,
+    divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+    skew: float = 0.1, kd_weight: float = 1.0, labels: Array | None = None,
+    ce_weight: float = 1.0, ignore_index: int = -100, where: Array | None = None,
+    implementation: str = "chunked", chunk_size: int = 1024, tile_size: int = 4096) -> Array:
+  r"""Per-token fused-head distillation loss, never materialising ``[N, V]`` (except "reference").
+
+  .. math:: \ell_n = w_{kd}\,D\big(\mathrm{softmax}(z_{T,n}/T), \mathrm{softmax}(z_{S,n}/T)\big)
+            + w_{ce}\,\big(\mathrm{lse}(z_{S,n}) - z_{S,n,y_n}\big),\quad z_S = x_S W_S^\top.
+
+  Args:
+    student_hidden: ``x_S [..., H]`` final hidden states (leading dims are flattened to tokens).
+    student_weight: ``W_S [V, H]`` LM-head weight (the ``nn.Linear``/embedding layout).
+    teacher_hidden: ``x_T [..., H_T]`` teacher hidden states (with ``teacher_weight``).
+    teacher_weight: ``W_T [V, H_T]``.
+    teacher_logits: ``[..., V]`` precomputed teacher logits, instead of the two above.
+    divergence: one of ``"forward_kl"`` KL(p_T‖p_S), ``"reverse_kl"`` KL(p_S‖p_T),
+      ``"generalized_jsd"`` (β) or ``"skew_forward_kl"`` KL(p_T‖λp_T + (1−λ)p_S) (λ = skew).
+    temperature: T > 0 for the divergence (both sides).
+    beta: β ∈ [0, 1] of the generalized JSD (arXiv:2306.13649 [paper]).
+    skew: λ ∈ [0, 1] of the skew forward KL (arXiv:2402.03898 [paper]).
+    kd_weight: weight of the divergence term.
+    labels: optional ``[...]`` integer targets; adds ``ce_weight`` × cross-entropy at T = 1.
+    ce_weight: weight of the cross-entropy term (used only with ``labels``).
+    ignore_index: label value that removes a token (both terms, and the normaliser).
+    where: optional ``[...]`` boolean token mask.
+    implementation: ``"reference"``, ``"chunked"`` or ``"streaming"``.
+    chunk_size: tokens per chunk (``"chunked"``); clipped to the token count.
+    tile_size: vocabulary columns per tile (``"streaming"``); clipped to V.
+
+  Returns:
+    ``[...]`` float32 per-token loss, 0 at removed tokens.
+  """
+  values, _ = _per_token_and_mask(**locals())
+  return values
+
+
+def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                        teacher_logits, divergence, temperature, beta, skew, kd_weight, labels,
+                        ce_weight, ignore_index, where, implementation, chunk_size, tile_size):
+  if divergence not in DIVERGENCES:
+    raise ValueError(f"`divergence` must be one of {DIVERGENCES}, got {divergence!r}.")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, "
+                     f"got {implementation!r}.")
+  chunk_size = _check_size("chunk_size", chunk_size)
+  tile_size = _check_size("tile_size", tile_size)
+  _checks.check_positive("temperature", temperature)
+  _checks.check_unit_interval("beta", beta)
+  _checks.check_unit_interval("skew", skew)
+
+  x_s = _check_float("student_hidden", student_hidden, 0)
+  w_s = _check_float("student_weight", student_weight, 2)
+  if x_s.ndim < 2:
+    raise ValueError(f"`student_hidden` must have shape [..., H], got {x_s.shape}.")
+  batch_shape, h = x_s.shape[:-1], x_s.shape[-1]
+  v = w_s.shape[0]
+  if w_s.shape[1] != h:
+    raise ValueError(f"`student_weight` must have shape [V, {h}] (H of `student_hidden`), "
+                     f"got {w_s.shape}.")
+  n = int(np.prod(batch_shape))
+  x_s = x_s.reshape(n, h)
+
+  if teacher_logits is not None:
+    if teacher_hidden is not None or teacher_weight is not None:
+      raise ValueError("Pass either `teacher_logits` or (`teacher_hidden`, `teacher_weight`), "
+                       "not both.")
+    tl = _check_float("teacher_logits", teacher_logits, 0)
+    if tl.shape != batch_shape + (v,):
+      raise ValueError(f"`teacher_logits` must have shape {batch_shape + (v,)}, got {tl.shape}.")
+    teacher = (tl.reshape(n, v),)
+  else:
+    if teacher_hidden is None or teacher_weight is None:
+      raise ValueError("Pass `teacher_hidden` and `teacher_weight`, or `teacher_logits`.")
+    x_t = _check_float("teacher_hidden", teacher_hidden, 0)
+    w_t = _check_float("teacher_weight", teacher_weight, 2)
+    if x_t.shape[:-1] != batch_shape:
+      raise ValueError(f"`teacher_hidden` must have shape {batch_shape} + (H_T,), "
+                       f"got {x_t.shape}.")
+    if w_t.shape != (v, x_t.shape[-1]):
+      raise ValueError(f"`teacher_weight` must have shape {(v, x_t.shape[-1])} "
+                       f"([V, H_T], the student's vocabulary), got {w_t.shape}.")
+    teacher = (x_t.reshape(n, x_t.shape[-1]), w_t)
+
+  mask = jnp.ones((n,), bool)
+  if where is not None:
+    w = jnp.asarray(where)
+    if w.dtype != jnp.bool_:
+      raise TypeError(f"`where` must be a boolean token mask, got dtype {w.dtype}.")
+    if w.shape != batch_shape:
+      raise ValueError(f"`where` must have the token shape {batch_shape}, got {w.shape}.")
+    mask = w.reshape(n)
+  if labels is not None:
+    lab = jnp.asarray(labels)
+    if not jnp.issubdtype(lab.dtype, jnp.integer):
+      raise TypeError(f"`labels` must be integers, got dtype {lab.dtype}.")
+    if lab.shape != batch_shape:
+      raise ValueError(f"`labels` must have the token shape {batch_shape}, got {lab.shape}.")
+    if not isinstance(labels, jax.core.Tracer):
+      lab_np = np.asarray(labels).reshape(n)
+      bad = (lab_np != ignore_index) & ((lab_np < 0) | (lab_np >= v))
+      if where is not None and not isinstance(where, jax.core.Tracer):
+        bad &= np.asarray(where).reshape(n)
+      if bad.any():
+        raise ValueError(f"`labels` must lie in [0, {v}) or equal ignore_index={ignore_index}.")
+    lab = lab.reshape(n).astype(jnp.int32)
+    # A traced out-of-range label cannot be reported; it removes its token instead.
+    mask = mask & (lab != ignore_index) & (lab >= 0) & (lab < v)
+    lab = jnp.where(mask, lab, 0)
+  else:
+    lab = jnp.zeros((n,), jnp.int32)
+
+  # Endpoint convention of divergences.generalized_jsd for a concrete β ∈ {0, 1}.
+  coef = skew if divergence == "skew_forward_kl" else beta
+  if divergence == "generalized_jsd":
+    b = _checks.concrete_scalar(beta)
+    if b == 0.0:
+      divergence = "forward_kl"
+    elif b == 1.0:
+      divergence = "reverse_kl"
+  hp = jnp.stack([jnp.asarray(temperature, jnp.float32), jnp.asarray(coef, jnp.float32),
+                  jnp.asarray(kd_weight, jnp.float32), jnp.asarray(ce_weight, jnp.float32)])
+
+  if n == 0:
+    return jnp.zeros(batch_shape, jnp.float32), mask.reshape(batch_shape)
+  cfg = _Cfg(divergence=divergence, chunk_size=min(chunk_size, n), tile_size=min(tile_size, v),
+             has_labels=labels is not None, teacher_is_logits=teacher_logits is not None)
+  fn = {"reference": _reference, "chunked": _chunked, "streaming": _streaming}[implementation]
+  values = fn(x_s, w_s, teacher, mask, lab, hp, cfg)
+  return values.reshape(batch_shape), mask.reshape(batch_shape)
+
+
+def fused_linear_distillation(
+    student_hidden: Array, student_weight: Array, teacher_hidden: Array | None = None,
+    teacher_weight: Array | None = None, *, teacher_logits: Array | None = None,
+    divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+    skew: float = 0.1, kd_weight: float = 1.0, labels: Array | None = None,
+    ce_weight: float = 1.0, ignore_index: int = -100, where: Array | None = None,
+    implementation: str = "chunked", chunk_size: int = 1024,
+    tile_size: int = 4096) -> reductions.SumAndCount:
+  """(sum, count) of :func:`fused_linear_distillation_per_token` over the kept tokens.
+
+  The count excludes tokens removed by ``where`` or ``ignore_index``; take the mean once per
+  optimiser step with :func:`kdjax.reductions.finalize_mean` (``.mean()``). Arguments as in
+  :func:`fused_linear_distillation_per_token`.
+
+  Example::
+
+    acc = fused_linear_distillation(x_s, w_s, x_t, w_t, divergence="generalized_jsd", beta=0.5,
+                                    temperature=2.0, where=mask, implementation="streaming")
+    loss = acc.mean()
+  """
+  values, mask = _per_token_and_mask(**locals())
+  return reductions.masked_sum_and_count(values, where=mask)
+
+
+def _named(divergence: str, doc: str):
+  def fn(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, **kwargs):
+    if "divergence" in kwargs:
+      raise TypeError(f"`divergence` is fixed to {divergence!r} by this function.")
+    return fused_linear_distillation(student_hidden, student_weight, teacher_hidden,
+                                     teacher_weight, divergence=divergence, **kwargs)
+  fn.__name__ = fn.__qualname__ = f"fused_linear_{divergence}"
+  fn.__doc__ = doc + "\n\n  Keyword arguments as in :func:`fused_linear_distillation`; returns a " \
+      "SumAndCount."
+  return fn
+
+
+fused_linear_forward_kl = _named(
+    "forward_kl", "Fused-head forward KL(p_T ‖ p_S) (Hinton et al., arXiv:1503.02531 [paper]).")
+fused_linear_reverse_kl = _named(
+    "reverse_kl", "Fused-head reverse KL(p_S ‖ p_T) (MiniLLM, arXiv:2306.08543 [paper]).")
+fused_linear_generalized_jsd = _named(
+    "generalized_jsd", "Fused-head generalized JSD(β) (GKD, arXiv:2306.13649 [paper]).")
+fused_linear_skew_forward_kl = _named(
+    "skew_forward_kl", "Fused-head skew forward KL(p_T ‖ λp_T + (1−λ)p_S) (DistiLLM, "
+    "arXiv:2402.03898 [paper]).")
