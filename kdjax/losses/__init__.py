@@ -3,3 +3,13 @@ keyword-only hyper-parameters, ``where`` masks, no hidden reduction)."""
 
 from kdjax.losses._akl import adaptive_kl
 from kdjax.losses._akl import adaptive_kl_weights
+from kdjax.losses._hinton import ce_kd_mixture
+from kdjax.losses._hinton import hinton_kd
+from kdjax.losses._hinton import softmax_cross_entropy
+from kdjax.losses._standardized import logit_standardized_kd
+from kdjax.losses._standardized import standardize_logits
+from kdjax.losses._taid import TaidState
+from kdjax.losses._taid import taid_init
+from kdjax.losses._taid import taid_loss
+from kdjax.losses._taid import taid_target_logits
+from kdjax.losses._taid import taid_update
