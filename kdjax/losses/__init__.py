@@ -13,3 +13,10 @@ from kdjax.losses._taid import taid_init
 from kdjax.losses._taid import taid_loss
 from kdjax.losses._taid import taid_target_logits
 from kdjax.losses._taid import taid_update
+from kdjax.losses._pld import plackett_luce_kd
+from kdjax.losses._pld import plackett_luce_permutation
+from kdjax.losses._sparse import random_sampling_kd
+from kdjax.losses._sparse import sample_sparse_targets
+from kdjax.losses._sparse import topk_tail_kl
+from kdjax.losses._sparse import topk_teacher
+from kdjax.losses._sparse import truncated_topk_kl
