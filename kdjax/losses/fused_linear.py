@@ -147,7 +147,7 @@ def _teacher_cols(teacher: tuple, start, size: int, cfg: _Cfg) -> Array:
     (logits,) = teacher
     return jax.lax.dynamic_slice_in_dim(logits, start, size, 1).astype(jnp.float32)
   x_t, w_t = teacher
-  return _matmul(x_t, jax.lax.dynamic_slice_in_dim(w_t, start, size, 0))
+  return _matmul(x_t, _weight_rows(w_t, start, size))
 
 
 def _values_from_logits(s_logits: Array, t_logits: Array, labels: Array, mask: Array,
@@ -216,8 +216,8 @@ def _chunked_fwd(x_s, w_s, teacher, mask, labels, hp, cfg):
 
 def _chunked_bwd(cfg, res, g):
   x_s, w_s, teacher, mask, labels, hp = res
-  n = x_s.shape[0]
-  c = cfg.chunk_size
+  n, v = x_s.shape[0], w_s.shape[0]
+  c, vt = cfg.chunk_size, cfg.tile_size
 
   def body(carry, i):
     dw, dx = carry
@@ -231,9 +231,19 @@ def _chunked_bwd(cfg, res, g):
     _, vjp = jax.vjp(lambda z: _values_from_logits(z, t, lab, m, hp, cfg), s)
     (dz,) = vjp(gc.astype(jnp.float32))
     dz = dz.astype(w_s.dtype)
-    dw = dw + jnp.einsum("cv,ch->vh", dz, xc.astype(w_s.dtype),
-                         preferred_element_type=jnp.float32)
     dxc = jnp.einsum("cv,vh->ch", dz, w_s, preferred_element_type=jnp.float32)
+    xw = xc.astype(w_s.dtype)
+
+    # dW += dz^T x one vocabulary tile of rows at a time: a whole-[V, H] product would be a
+    # second V x H float32 temporary next to the accumulator (XLA:CPU does not fuse the add).
+    def dw_tile(dw, j):
+      vstart, vfresh = _window(v, vt, j)
+      dz_t = jnp.where(vfresh[None, :], jax.lax.dynamic_slice_in_dim(dz, vstart, vt, 1), 0)
+      upd = jnp.einsum("cv,ch->vh", dz_t, xw, preferred_element_type=jnp.float32)
+      old_t = jax.lax.dynamic_slice_in_dim(dw, vstart, vt, 0)
+      return jax.lax.dynamic_update_slice_in_dim(dw, old_t + upd, vstart, 0), None
+
+    dw, _ = jax.lax.scan(dw_tile, dw, jnp.arange(_num_windows(v, vt)))
     old = jax.lax.dynamic_slice_in_dim(dx, start, c, 0)
     dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(fresh[:, None], dxc, old), start, 0)
     return (dw, dx), None
@@ -263,8 +273,13 @@ def _log_norm(m, l):
   return jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
 
 
+def _weight_rows(w: Array, start, size: int) -> Array:
+  """Rows [start, start + size) of a head weight (one vocabulary tile)."""
+  return jax.lax.dynamic_slice_in_dim(w, start, size, 0)
+
+
 def _tile_logits(x_s, w_s, teacher, start, size, cfg):
-  w_tile = jax.lax.dynamic_slice_in_dim(w_s, start, size, 0)
+  w_tile = _weight_rows(w_s, start, size)
   return _matmul(x_s, w_tile), _teacher_cols(teacher, start, size, cfg), w_tile
 
 
@@ -458,7 +473,8 @@ def fused_linear_distillation_per_token(
     where: optional ``[...]`` boolean token mask.
     implementation: ``"reference"``, ``"chunked"`` or ``"streaming"``.
     chunk_size: tokens per chunk (``"chunked"``); clipped to the token count.
-    tile_size: vocabulary columns per tile (``"streaming"``); clipped to V.
+    tile_size: vocabulary columns per tile (``"streaming"``; ``"chunked"`` accumulates the
+      head-weight gradient in row tiles of this size); clipped to V.
 
   Returns:
     ``[...]`` float32 per-token loss, 0 at removed tokens.
