@@ -1,0 +1,131 @@
+"""Random-sampling KD and the top-k tail bucket (kd_losses.md §8, checklist items 9-10)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+
+from kdjax import divergences as D
+from kdjax import losses as L
+
+_V, _N, _R = 50, 64, 4000  # vocabulary, samples per position, Monte-Carlo replicates
+
+
+def _teacher(seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=_V) * 1.5
+
+
+@functools.partial(jax.jit, static_argnames=("tau",))
+def _replicates(key, zt, zs, tau):
+  """R independent sparse targets and their sparse-KD gradients."""
+  keys = jax.random.split(key, _R)
+
+  def one(k):
+    ids, w = L.sample_sparse_targets(k, zt, num_samples=_N, proposal_temperature=tau)
+    t_hat = jnp.zeros(_V, w.dtype).at[ids].add(w)
+    g = jax.grad(lambda s: L.random_sampling_kd(s, ids, w))(zs)
+    return t_hat, g
+
+  return jax.vmap(one)(keys)
+
+
+def _max_z(samples, target):
+  mean = samples.mean(0)
+  se = samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
+  ok = se > 0
+  assert np.all(np.abs(mean - target)[~ok] < 1e-12)
+  return np.max(np.abs(mean - target)[ok] / se[ok])
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_monte_carlo_unbiased(x64, tau):
+  zt, zs = _teacher(0), _teacher(1)
+  p = scipy.special.softmax(zt)
+  t_hat, g = (np.asarray(a) for a in _replicates(jax.random.key(int(tau * 10)), zt, zs, tau))
+  assert _max_z(t_hat, p) < 5.0
+  full_grad = scipy.special.softmax(zs) - p  # gradient of CE(p_T, q_S) = forward-KL gradient
+  assert _max_z(g, full_grad) < 5.0
+  if tau == 1.0:
+    np.testing.assert_allclose(t_hat.sum(1), 1.0, atol=1e-12)
+  # Power of the criterion: the renormalised top-5 target is rejected by the same 5-SE test.
+  ids, lp = L.topk_teacher(zt, k=5)
+  renorm = np.zeros(_V)
+  renorm[np.asarray(ids)] = scipy.special.softmax(np.asarray(lp))
+  assert np.abs(renorm - p).sum() > 1e-2
+  assert np.max(np.abs(renorm - p) / (t_hat.std(0, ddof=1) / np.sqrt(_R) + 1e-300)) > 5.0
+
+
+def test_kl_estimate_and_gradient_formula(x64):
+  rng = np.random.default_rng(3)
+  zs, zt = rng.normal(size=(2, 4, 12))
+  ids, w = L.sample_sparse_targets(jax.random.key(1), zt, num_samples=7,
+                                   proposal_temperature=0.5, temperature=2.0)
+  lq = scipy.special.log_softmax(zs / 2.0, -1)
+  lp = scipy.special.log_softmax(zt / 2.0, -1)
+  ids_n, w_n = np.asarray(ids), np.asarray(w)
+  ce = -(w_n * np.take_along_axis(lq, ids_n, -1)).sum(-1)
+  np.testing.assert_allclose(L.random_sampling_kd(zs, ids, w, temperature=2.0), ce, rtol=1e-12)
+  lp_x = np.take_along_axis(lp, ids_n, -1)
+  np.testing.assert_allclose(
+      L.random_sampling_kd(zs, ids, w, teacher_log_probs=lp_x, temperature=2.0),
+      ce + (w_n * lp_x).sum(-1), rtol=1e-12)
+  g = jax.grad(lambda s: L.random_sampling_kd(s, ids, w, temperature=2.0).sum())(zs)
+  t_hat = np.zeros_like(zs)
+  for b in range(4):
+    np.add.at(t_hat[b], ids_n[b], w_n[b])
+  q = np.exp(lq)
+  np.testing.assert_allclose(g, (t_hat.sum(-1, keepdims=True) * q - t_hat) / 2.0, atol=1e-12)
+
+
+def test_tail_bucket_bounds_and_bias(x64):
+  rng = np.random.default_rng(4)
+  scale = np.exp(rng.uniform(np.log(0.2), np.log(6.0), size=(500, 1)))
+  zs, zt = rng.normal(size=(500, 30)) * scale, rng.normal(size=(500, 30)) * scale
+  full = np.asarray(D.forward_kl(zs, zt))
+  for k in (1, 5, 20, 29, 30):
+    ids, lp = L.topk_teacher(zt, k=k)
+    tb = np.asarray(L.topk_tail_kl(zs, ids, lp))
+    assert np.all(tb >= -1e-12) and np.all(tb <= full + 1e-12)
+    if k >= 29:
+      np.testing.assert_allclose(tb, full, rtol=1e-9, atol=1e-12)
+  # A case where the truncated "KL" is negative but the tail bucket is not: the student puts
+  # more mass than the teacher on every top-k token.
+  zt1 = np.log(np.array([0.3, 0.2] + [0.5 / 8] * 8))
+  zs1 = np.log(np.array([0.45, 0.35] + [0.2 / 8] * 8))
+  ids, lp = L.topk_teacher(zt1, k=2)
+  assert float(L.truncated_topk_kl(zs1, ids, lp)) < -0.05
+  assert float(L.topk_tail_kl(zs1, ids, lp)) > 0.0
+
+
+def test_masks_extremes_bf16_errors():
+  zs = jnp.array([[1e4, -1e4, 0.0, -jnp.inf], [0.0, 1.0, 2.0, 3.0], [-jnp.inf] * 4])
+  zt = jnp.array([[-1e4, 1e4, 3.0, -jnp.inf], [3.0, 2.0, 1.0, 0.0], [0.0] * 4])
+  ids, lp = L.topk_teacher(zt, k=2)
+  pos = jnp.array([True, False, True])
+  for fn in (L.topk_tail_kl, L.truncated_topk_kl):
+    val, g = jax.value_and_grad(lambda s: fn(s, ids, lp, where=pos).sum())(zs)
+    assert np.isfinite(val) and np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.asarray(g)[1] == 0)
+    val, g = jax.value_and_grad(lambda s: fn(s, ids, lp, where=jnp.zeros(3, bool)).sum())(zs)
+    assert val == 0 and np.all(np.asarray(g) == 0)
+  sids, w = L.sample_sparse_targets(jax.random.key(0), zt, num_samples=5)
+  val, g = jax.value_and_grad(lambda s: L.random_sampling_kd(s, sids, w, where=pos).sum())(zs)
+  assert np.isfinite(val) and np.all(np.isfinite(np.asarray(g)))
+  rng = np.random.default_rng(5)
+  a, b = rng.normal(size=(2, 4, 16, 64)) * 3
+  ids, lp = L.topk_teacher(b.astype(np.float32), k=8)
+  got = L.topk_tail_kl(jnp.asarray(a, jnp.bfloat16), ids, lp)
+  np.testing.assert_allclose(got, L.topk_tail_kl(a.astype(np.float32), ids, lp), rtol=5e-2,
+                             atol=5e-2)
+  with pytest.raises(ValueError, match="k"):
+    L.topk_teacher(b, k=65)
+  with pytest.raises(ValueError, match="num_samples"):
+    L.sample_sparse_targets(jax.random.key(0), b, num_samples=0)
+  with pytest.raises(ValueError, match="topk_ids"):
+    L.topk_tail_kl(a, ids[..., :1, :], lp[..., :1, :])
+  with pytest.raises(ValueError, match="target_ids"):
+    L.random_sampling_kd(a, np.full((4, 16, 2), 64), np.ones((4, 16, 2)))
