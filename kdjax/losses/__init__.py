@@ -20,3 +20,5 @@ from kdjax.losses._sparse import sample_sparse_targets
 from kdjax.losses._sparse import topk_tail_kl
 from kdjax.losses._sparse import topk_teacher
 from kdjax.losses._sparse import truncated_topk_kl
+from kdjax.losses._multi_teacher import multi_teacher_kd
+from kdjax.losses._multi_teacher import teacher_weights
