@@ -69,11 +69,15 @@ def _builder_classes() -> dict[str, type]:
   if _BUILDERS:
     return _BUILDERS
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  _PKG_DIR = epath.Path(__file__).parent
 
   class KdjaxDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """scikit-learn digits: 8x8 uint8 images (0..16), a fixed stratified 1347/450 split."""
 
     name = "digits"
+    # Set explicitly: TFDS infers it from the package, which fails for editable/namespace installs.
+    pkg_dir_path = _PKG_DIR
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "sklearn load_digits, stratified split with random_state=0."}
 
@@ -109,6 +113,7 @@ def _builder_classes() -> dict[str, type]:
     """MNIST-1D (Greydanus 2020) from the mnist1d package, default arguments and seed."""
 
     name = "mnist1d"
+    pkg_dir_path = _PKG_DIR
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "mnist1d.data.make_dataset(get_dataset_args())."}
 

@@ -97,16 +97,20 @@ def plot_learning_curves(rows: Iterable[Mapping[str, Any]], path: str | os.PathL
                            squeeze=False)
   phases = list(dict.fromkeys(r["phase"] for r in rows))
   for ax, key in zip(axes[0], keys):
-    for ph in phases:
+    for i, ph in enumerate(phases):
       pts = sorted((r["step"], r[key]) for r in rows if r["phase"] == ph and key in r)
-      if pts:
-        ax.plot(*zip(*pts), label=ph, marker="." if len(pts) < 30 else None)
+      if pts:  # one colour per phase in every panel
+        ax.plot(*zip(*pts), label=ph, color=f"C{i}", marker="." if len(pts) < 30 else None)
     ax.set_title(key)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     if "loss" in key:
       ax.set_yscale("log")
-  axes[0][0].legend()
+  handles = {}
+  for ax in axes[0]:
+    for h, lab in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(lab, h)
+  axes[0][0].legend(handles.values(), handles.keys())
   if title:
     fig.suptitle(title)
   fig.tight_layout()

@@ -209,7 +209,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
@@ -228,6 +228,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return jax.jit(step, **kwargs)
 
 
+_EVAL_CACHE: dict = {}
+
+
 def make_eval_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0
                  ) -> Callable[[Any, Batch], dict]:
   """A jitted ``(params, batch) -> sums`` for evaluation over padded, sharded batches.
@@ -235,7 +238,11 @@ def make_eval_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0
   Returns sums over the unmasked examples (add them over batches, divide by ``count``):
   ``count``, ``correct``, ``ce``; and if ``batch`` has ``teacher_logits``: ``agree`` (top-1
   agreement with the teacher) and ``kl`` (KL(p_T ‖ p_S) at ``temperature``).
+  Cached per (graphdef, temperature): models of the same architecture share one compilation.
   """
+  key = (graphdef, float(temperature))
+  if key in _EVAL_CACHE:
+    return _EVAL_CACHE[key]
 
   @jax.jit
   def evaluate(params, batch):
@@ -255,6 +262,7 @@ def make_eval_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0
                                                       where=mask))
     return out
 
+  _EVAL_CACHE[key] = evaluate
   return evaluate
 
 
@@ -292,12 +300,17 @@ def evaluate(eval_fn, params, arrays: Mapping[str, np.ndarray], *, mesh=None,
   return out
 
 
+@functools.lru_cache(maxsize=64)
+def _apply_fn(graphdef):
+  return jax.jit(lambda p, xb: nnx.merge(graphdef, p)(xb))
+
+
 def predict_logits(graphdef: nnx.GraphDef, params, x: np.ndarray, *, mesh=None,
                    batch_size: int = 512) -> np.ndarray:
   """Logits of the model on all of ``x`` as a host numpy array (e.g. a teacher's, for KD)."""
   n_dev = 1 if mesh is None else mesh.size
   bs = max(n_dev, (min(batch_size, len(x)) + n_dev - 1) // n_dev * n_dev)
-  apply = jax.jit(lambda p, xb: nnx.merge(graphdef, p)(xb))
+  apply = _apply_fn(graphdef)
   outs = []
   for b in _padded_batches({"x": x}, bs):
     xb = mesh_lib.shard_batch({"x": b["x"]}, mesh)["x"] if mesh is not None else b["x"]

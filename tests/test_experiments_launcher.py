@@ -1,0 +1,156 @@
+"""The absl launcher end to end: digits_kd smoke run, SIGKILL + resume equality, bad input.
+
+Subprocesses get their own environment (one CPU device, no fake-device flags, a shared prepared
+data dir) and timeouts.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import data, metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "experiments/configs/digits_kd.py"
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tfds")
+  data.prepare("digits", d)  # once, so the subprocesses only read
+  return d
+
+
+def _env(data_dir, **extra):
+  env = dict(os.environ)
+  for k in ("XLA_FLAGS", "NPROC"):  # single device: the fake-device setup is for in-process tests
+    env.pop(k, None)
+  env.update(KDJAX_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
+  return env
+
+
+def _cmd(workdir, arg="smoke", *overrides):
+  return [sys.executable, "-m", "experiments.main", f"--config={CONFIG}:{arg}",
+          f"--workdir={workdir}", "--config.progress=False", *overrides]
+
+
+def _eval_rows(workdir):
+  """metrics.jsonl without wall-clock fields: what must match between runs."""
+  rows = metrics.read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
+  return [{k: v for k, v in r.items() if k not in ("time", "train/steps_per_sec")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("smoke")
+  proc = subprocess.run(_cmd(workdir), cwd=REPO, env=_env(data_dir), capture_output=True,
+                        text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_smoke_run_writes_table_metrics_tb_png(smoke_run):
+  workdir, proc = smoke_run
+  assert "digits_kd results" in proc.stdout and "baseline (labels only)" in proc.stdout
+  for needle in ("process 0 of 1", "workdir:", "config:", "devices"):
+    assert needle in proc.stderr
+  res = json.loads((workdir / "results.json").read_text())
+  names = [r["model"] for r in res["rows"]]
+  assert names[0] == "teacher" and names[1].startswith("baseline") and "KD" in names[2]
+  teacher, base, student = res["rows"]
+  assert teacher["test_acc"] > 0.85 and base["test_acc"] > 0.5 and student["test_acc"] > 0.5
+  assert teacher["agreement"] == 1.0 and teacher["kl_T1"] == pytest.approx(0.0, abs=1e-6)
+  assert 0 < student["kl_T1"] < 5 and base["params"] == student["params"] < teacher["params"]
+  phases = {r["phase"] for r in metrics.read_metrics(workdir / "metrics.jsonl")}
+  assert phases == {"teacher", "baseline", "student"}
+  assert (workdir / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+  for ph in phases:
+    assert list((workdir / "tb" / ph).glob("events.out.tfevents.*"))
+    assert (workdir / "checkpoints" / ph / "300" if ph != "teacher"
+            else workdir / "checkpoints" / ph / "200").is_dir()
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(smoke_run, data_dir, tmp_path):
+  ref_dir, _ = smoke_run
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(data_dir),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  marker = workdir / "checkpoints" / "baseline" / "100"
+  deadline = time.time() + TIMEOUT
+  try:
+    while not marker.exists():
+      assert proc.poll() is None, "the run ended before it could be killed"
+      assert time.time() < deadline, "no baseline checkpoint appeared in time"
+      time.sleep(0.02)
+    assert proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run: teacher done, baseline part-way
+  finally:
+    proc.wait(timeout=30)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (workdir / "results.json").exists()
+  resumed = subprocess.run(_cmd(workdir), cwd=REPO, env=_env(data_dir), capture_output=True,
+                           text=True, timeout=TIMEOUT)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "[teacher] resuming from step 200" in resumed.stderr
+  assert "[baseline] resuming from step" in resumed.stderr
+  ref = json.loads((ref_dir / "results.json").read_text())
+  got = json.loads((workdir / "results.json").read_text())
+  assert got == ref  # same seed, same batches, same state: bit-identical final metrics
+  assert _eval_rows(workdir) == _eval_rows(ref_dir)  # and the same learning curves
+
+
+def _parse(*argv):
+  fv = flags.FlagValues()
+  argv = ["prog", f"--config={REPO / CONFIG}:smoke", *argv]
+  # Override flags are registered from the command line at definition time (as in main.py).
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_config_overrides_and_parse_time_errors():
+  cfg = _parse("--config.loss.temperature=2.5", "--config.student_train_size=0")
+  assert cfg.loss.temperature == 2.5 and cfg.student_train_size == 0 and cfg.task == "digits_kd"
+  # Raised while the flags are parsed, before any task code runs.
+  with pytest.raises((AttributeError, KeyError, flags.Error), match="no_such_key"):
+    _parse("--config.no_such_key=1")
+  with pytest.raises((TypeError, ValueError, flags.Error)):
+    _parse("--config.seed=abc")
+  with pytest.raises(ValueError, match="unknown argument"):
+    from experiments.configs import digits_kd
+    digits_kd.get_config("smoke,bogus=1")
+
+
+def test_unknown_key_and_unwritable_workdir_fail_fast(data_dir, tmp_path):
+  bad = subprocess.run(_cmd(tmp_path / "w", "smoke", "--config.studnet_steps=3"), cwd=REPO,
+                       env=_env(data_dir), capture_output=True, text=True, timeout=TIMEOUT)
+  assert bad.returncode != 0 and "studnet_steps" in bad.stderr
+  assert not (tmp_path / "w").exists()
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  from experiments.configs import digits_kd
+  from experiments.tasks import digits_kd as task
+  with pytest.raises(ValueError, match="workdir.*cannot be created or written"):
+    task.run(digits_kd.get_config("smoke"), str(blocker / "sub"))
+
+
+def test_nan_loss_run_stops_with_step(data_dir, tmp_path):
+  proc = subprocess.run(
+      _cmd(tmp_path, "smoke", "--config.optimizer.learning_rate=1e30",
+           "--config.optimizer.name=sgd", "--config.optimizer.schedule=constant"),
+      cwd=REPO, env=_env(data_dir), capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode != 0
+  assert "NonFiniteLossError" in proc.stderr and "[teacher] non-finite loss" in proc.stderr
+  assert "at step" in proc.stderr
+  ckpts = list((tmp_path / "checkpoints" / "teacher").glob("[0-9]*"))
+  assert not ckpts  # the blow-up happens before the first save: nothing was saved
