@@ -1,0 +1,188 @@
+r"""Loss-zoo benchmark: the digits_kd phases run once per (seed, loss); one table of test accuracy
+and teacher agreement (mean ± std over seeds) per loss, with the labels-only baseline.
+
+Reuses :func:`experiments.tasks.digits_kd.train_phase` and ``student_subset`` (no second training
+loop). Each loss is a ``loss(student_logits, batch) -> per-example values`` built from
+:mod:`kdjax.losses` / :mod:`kdjax.policy` by :func:`make_zoo_loss`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from experiments import checkpoint as ckpt_lib
+from experiments import data, metrics, train
+from experiments import mesh as mesh_lib
+from experiments.tasks import digits_kd
+from kdjax import losses as L
+from kdjax import policy
+
+__all__ = ["LOSSES", "make_zoo_loss", "run"]
+
+LOSSES = ("hinton", "logit_standardized", "taid", "akl", "pld", "random_sampling", "topk_tail",
+          "multi_teacher", "reverse_kl")
+
+_LABELS = {
+    "hinton": "Hinton KD (forward KL, T², α=0.9)",
+    "logit_standardized": "logit-standardised KD",
+    "taid": "TAID (linear t ramp)",
+    "akl": "AKL (μ=0.5)",
+    "pld": "PLD (Plackett–Luce)",
+    "random_sampling": "random-sampling KD",
+    "topk_tail": "top-k + tail bucket",
+    "multi_teacher": "multi-teacher (arith. pool, confidence)",
+    "reverse_kl": "reverse KL (MiniLLM token term)",
+}
+
+
+class _TaidRamp:
+  """Per-example column holding TAID's t for the current step (linear ramp t_start -> 1).
+
+  ``train_phase`` fetches every batch column with ``column[idx]`` once per step, in order; this
+  object returns t(step) for that batch and advances. It stands in for TAID's adaptive schedule
+  (which needs the loss fed back, see :func:`kdjax.losses.taid_update`) inside the shared loop.
+  """
+
+  def __init__(self, t_start: float, num_steps: int):
+    self.t_start, self.num_steps, self.step = float(t_start), int(num_steps), 0
+
+  def __getitem__(self, idx):
+    self.step += 1
+    t = self.t_start + (1.0 - self.t_start) * min(self.step / self.num_steps, 1.0)
+    return np.full(len(idx), t, np.float32)
+
+
+def make_zoo_loss(name: str, config) -> Callable[[jax.Array, dict], jax.Array]:
+  """The per-example training loss of one zoo row (KD term + ``ce_weight`` × hard-label CE)."""
+  temp, w = float(config.temperature), float(config.ce_weight)
+  t2 = temp * temp
+
+  def kd(logits, batch):
+    z_t = jax.lax.stop_gradient(batch["teacher_logits"])
+    if name == "hinton":
+      return L.hinton_kd(logits, z_t, temperature=temp, scale_by_t2=True)
+    if name == "logit_standardized":
+      return L.logit_standardized_kd(logits, z_t, temperature=2.0, scale_by_t2=True)
+    if name == "taid":
+      return L.taid_loss(logits, z_t, t=batch["taid_t"][:, None], temperature=temp) * t2
+    if name == "akl":
+      return L.adaptive_kl(logits, z_t, temperature=temp) * t2
+    if name == "pld":
+      return L.plackett_luce_kd(logits, z_t, batch["y"])
+    if name == "random_sampling":
+      return L.random_sampling_kd(logits, batch["rs_ids"], batch["rs_weights"],
+                                  temperature=temp) * t2
+    if name == "topk_tail":
+      return L.topk_tail_kl(logits, batch["topk_ids"], batch["topk_log_probs"],
+                            temperature=temp) * t2
+    if name == "multi_teacher":
+      zs = jnp.moveaxis(jax.lax.stop_gradient(batch["teachers_logits"]), 1, 0)  # [M, B, V]
+      wts = L.teacher_weights(zs, mode="confidence", temperature=temp)
+      return L.multi_teacher_kd(logits, zs, weights=wts, aggregation="arithmetic",
+                                temperature=temp) * t2
+    if name == "reverse_kl":
+      return policy.minillm_token_reverse_kl(logits, z_t, temperature=temp) * t2
+    raise ValueError(f"unknown zoo loss {name!r}; expected one of {LOSSES}.")
+
+  def loss(logits, batch):
+    logits = logits.astype(jnp.float32)
+    return w * train.ce_loss(logits, batch) + (1.0 - w) * kd(logits, batch)
+
+  return loss
+
+
+def _extra_columns(name, config, arrays, t_logits, seed):
+  """Offline teacher targets a loss reads from the batch (computed once, like a cache)."""
+  temp = float(config.temperature)
+  if name == "taid":
+    return {"taid_t": _TaidRamp(config.taid_t_start, config.student_steps)}
+  if name == "random_sampling":
+    ids, wts = L.sample_sparse_targets(jax.random.key(seed), t_logits,
+                                       num_samples=int(config.num_samples), temperature=temp)
+    return {"rs_ids": np.asarray(ids), "rs_weights": np.asarray(wts)}
+  if name == "topk_tail":
+    ids, lp = L.topk_teacher(t_logits, k=int(config.topk), temperature=temp)
+    return {"topk_ids": np.asarray(ids), "topk_log_probs": np.asarray(lp)}
+  if name == "multi_teacher":
+    return {"teachers_logits": arrays["teachers_logits"]}
+  return {}
+
+
+def run(config, workdir) -> dict[str, Any]:
+  workdir = ckpt_lib.ensure_writable_dir(workdir)
+  names = LOSSES if config.losses == "all" else tuple(config.losses.split("+"))
+  bad = [n for n in names if n not in LOSSES]
+  if bad:
+    raise ValueError(f"`losses`: unknown {bad}; expected names from {LOSSES} joined by '+'.")
+  mesh = mesh_lib.make_mesh(config.num_devices or None)
+  ds = data.load_supervised(config.dataset, data_dir=config.data_dir or None)
+  writer = metrics.MetricWriter(workdir)
+  common = dict(input_shape=ds.input_shape, num_classes=ds.num_classes, mesh=mesh,
+                batch_size=config.batch_size, writer=writer, config=config,
+                opt_cfg=config.optimizer)
+  test = {"x": ds.test.x, "y": ds.test.y}
+  full_train = {"x": ds.train.x, "y": ds.train.y}
+  per_seed = []
+  for s in range(config.seed, config.seed + config.num_seeds):
+    root = workdir / f"seed{s}" / "checkpoints"
+    n_teachers = int(config.num_teachers) if "multi_teacher" in names else 1
+    teachers = []
+    for i in range(n_teachers):
+      g, p = digits_kd.train_phase(
+          f"seed{s}/teacher{i}", model_cfg=config.teacher, loss_fn=train.ce_loss,
+          num_steps=config.teacher_steps, seed=1000 * i + s, train_arrays=full_train,
+          ckpt_dir=root / f"teacher{i}", **common)
+      teachers.append((train.predict_logits(g, p, ds.train.x, mesh=mesh),
+                       train.predict_logits(g, p, ds.test.x, mesh=mesh),
+                       train.evaluate(train.make_eval_fn(g), p, test, mesh=mesh)["accuracy"]))
+    t_train, t_test, t_acc = teachers[0]
+    sub = digits_kd.student_subset(ds.train.y, config.student_train_size, s)
+    base = {"x": ds.train.x[sub], "y": ds.train.y[sub], "teacher_logits": t_train[sub]}
+    if n_teachers > 1:
+      base["teachers_logits"] = np.stack([t[0][sub] for t in teachers], axis=1)
+    test_t = dict(test, teacher_logits=t_test)
+    rows = {"teacher": {"test_acc": t_acc, "agreement": 1.0}}
+    for name in ("baseline",) + names:
+      arrays = dict(base)
+      if name == "baseline":
+        loss_fn = train.ce_loss
+      else:
+        arrays.update(_extra_columns(name, config, base, base["teacher_logits"], s))
+        loss_fn = make_zoo_loss(name, config)
+      g, p = digits_kd.train_phase(
+          f"seed{s}/{name}", model_cfg=config.student, loss_fn=loss_fn,
+          num_steps=config.student_steps, seed=s + 1, train_arrays=arrays,
+          ckpt_dir=root / name, **common)
+      ev = train.evaluate(train.make_eval_fn(g), p, test_t, mesh=mesh)
+      rows[name] = {"test_acc": ev["accuracy"], "agreement": ev["agreement"]}
+      logging.info("loss_zoo seed %d %s: %s", s, name, rows[name])
+    per_seed.append(rows)
+  writer.close()
+  table_rows = []
+  for name in ("teacher", "baseline") + names:
+    acc = np.array([r[name]["test_acc"] for r in per_seed])
+    agr = np.array([r[name]["agreement"] for r in per_seed])
+    table_rows.append({
+        "loss": {"teacher": f"teacher (MLP {'-'.join(map(str, config.teacher.hidden))})",
+                 "baseline": "baseline (labels only)"}.get(name, _LABELS.get(name, name)),
+        "test_acc": f"{acc.mean():.4f} ± {acc.std():.4f}",
+        "agreement": f"{agr.mean():.4f} ± {agr.std():.4f}",
+        "gain_vs_baseline": ("" if name in ("teacher", "baseline") else
+                             f"{100 * (acc.mean() - np.mean([r['baseline']['test_acc'] for r in per_seed])):+.2f}")})
+  results = {"seeds": list(range(config.seed, config.seed + config.num_seeds)),
+             "student_train_size": int(config.student_train_size), "per_seed": per_seed,
+             "table": table_rows}
+  table = metrics.format_table(table_rows, ["loss", "test_acc", "agreement", "gain_vs_baseline"])
+  if jax.process_index() == 0:
+    (pathlib.Path(workdir) / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\nloss_zoo on {config.dataset} ({config.num_seeds} seeds, student trained on "
+          f"{config.student_train_size} examples; mean ± std over seeds):\n{table}\n"
+          f"workdir: {workdir}", flush=True)
+  return results
