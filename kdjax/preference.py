@@ -116,10 +116,13 @@ def _masked_lse(x: Array, mask: Array, axis: int = -1) -> Array:
 
 
 def _scalars_or_arrays(*named):
-  """Validates same-shape numeric inputs of any rank (including scalars); casts to float."""
+  """Validates numeric inputs of any rank (scalars too), broadcasts them, casts to float."""
   arrs = [_checks.check_array(n, x, min_rank=0) for n, x in named]
-  for (n, _), a in zip(named[1:], arrs[1:]):
-    _checks.check_same_shape(named[0][0], arrs[0], n, a)
+  try:
+    arrs = jnp.broadcast_arrays(*arrs)
+  except ValueError as e:
+    shapes = ", ".join(f"`{n}` {a.shape}" for (n, _), a in zip(named, arrs))
+    raise ValueError(f"inputs must broadcast to one shape, got {shapes}.") from e
   dtype = _checks.compute_dtype(*arrs)
   return [a.astype(dtype) for a in arrs]
 
