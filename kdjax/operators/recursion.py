@@ -1,0 +1,269 @@
+r"""The anchored recursion q_t = D(M_α(p0, q_{t−1})) and projections D onto student families.
+
+[paper] arXiv:2601.13100 models generations as repeated anchored operators and claims KL
+contraction, geometric convergence and a unique attractive fixed point under realizability and
+convexity. Design choice (kdjax) [proposed] (spec §5): the distillation step is the
+M-projection D_Q(m) = argmin_{q ∈ Q} KL(m ‖ q) (the usual KD loss, target first); D = identity
+is the realizable, convex case.
+
+A projection is a :class:`Projection` ``(init, step)``: ``init(log_q0) -> state`` and
+``step(log_target, state) -> (log_q, state)``, so iterative fitters can warm-start from the
+previous generation (the state is carried through ``jax.lax.scan``). A plain function
+``log_target -> log_q`` is accepted too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kdjax import _checks
+from kdjax.operators import _common as C
+from kdjax.operators.meta import make_operator
+
+Array = jax.Array
+
+__all__ = ["Projection", "recurse", "mixture_family", "project_mixture",
+           "softmax_linear_family", "project_softmax_linear", "alpha_schedule"]
+
+
+class Projection(NamedTuple):
+  """A distillation step D onto a student family, with a state for warm starts."""
+  init: Callable[[Array], Any]
+  step: Callable[[Array, Any], tuple[Array, Any]]
+
+
+def _as_projection(project) -> Projection:
+  if project is None:
+    return Projection(init=lambda lq: (), step=lambda lm, s: (lm, s))
+  if isinstance(project, Projection):
+    return project
+  if callable(project):
+    return Projection(init=lambda lq: (), step=lambda lm, s: (project(lm), s))
+  raise TypeError(f"`project` must be None, a Projection or a callable, got {project!r}.")
+
+
+def alpha_schedule(alpha: Any, steps: int | None) -> tuple[Array, int]:
+  """Resolves ``alpha`` (scalar, length-``steps`` array, or callable t ↦ α_t) to an array."""
+  if callable(alpha):
+    if steps is None:
+      raise ValueError("`steps` is required when `alpha` is a schedule function.")
+    return jax.vmap(alpha)(jnp.arange(steps)), steps
+  C.check_alpha("alpha", alpha)
+  a = jnp.asarray(alpha)
+  if a.ndim == 0:
+    if steps is None:
+      raise ValueError("`steps` is required when `alpha` is a scalar.")
+    return jnp.full((steps,), a), steps
+  if a.ndim != 1:
+    raise ValueError(f"`alpha` must be a scalar, a 1-D schedule or a callable, got shape "
+                     f"{a.shape}.")
+  if steps is not None and steps != a.shape[0]:
+    raise ValueError(f"`steps`={steps} does not match the schedule length {a.shape[0]}.")
+  return a, a.shape[0]
+
+
+def recurse(log_p0: Array, log_q0: Array, *, alpha: Any, steps: int | None = None,
+            kind: str = "arithmetic", beta: Any = None, temperature: Any = None,
+            operator: Callable | None = None, project: Any = None,
+            axis: int = -1) -> Array:
+  r"""Runs q_t = D(M_α_t(p0, q_{t−1})), t = 1..steps, with ``jax.lax.scan``.
+
+  Under realizability and convexity (D = identity) and α > 0 the forward KL contracts,
+  KL(p0‖q_t) ≤ (1−α) KL(p0‖q_{t−1}) (arXiv:2601.13100 [paper] claim; statement and proof
+  [proposed], theory/recursive_meta_distillation.md). With a capacity-limited projection and the
+  arithmetic operator, KL(p0‖q_t) is non-increasing and q_t → D_Q(p0) for any α ∈ (0, 1]
+  (Theorem 4, [proposed]).
+
+  Args:
+    log_p0: base-teacher log-probabilities ``[..., K]`` (aggregate several teachers first).
+    log_q0: initial student log-probabilities, same shape.
+    alpha: anchor weight: a scalar, a 1-D schedule of length ``steps``, or a function
+      ``t -> alpha_t`` (t = 0..steps−1, e.g. an optax schedule).
+    steps: number of generations (inferred from an array schedule).
+    kind, beta, temperature: the meta-teacher family (see :func:`meta_teacher`), ignored when
+      ``operator`` is given.
+    operator: a custom ``op(log_p0, log_q, alpha) -> log_m``.
+    project: ``None`` (identity), a :class:`Projection`, or a function ``log_m -> log_q``.
+    axis: class axis (for the built-in operators).
+
+  Returns:
+    The trajectory ``[steps + 1, *log_q0.shape]``; index 0 is ``log_q0``.
+  """
+  lp0 = C.as_log_probs("log_p0", log_p0)
+  lq0 = C.as_log_probs("log_q0", log_q0)
+  _checks.check_same_shape("log_p0", lp0, "log_q0", lq0)
+  if steps is not None and (not isinstance(steps, int) or steps < 0):
+    raise ValueError(f"`steps` must be a non-negative int, got {steps!r}.")
+  alphas, steps = alpha_schedule(alpha, steps)
+  dtype = _checks.compute_dtype(lp0, lq0)
+  lp0, lq0 = lp0.astype(dtype), lq0.astype(dtype)
+  alphas = alphas.astype(dtype)
+  op = operator if operator is not None else make_operator(kind, beta=beta,
+                                                           temperature=temperature, axis=axis)
+  proj = _as_projection(project)
+
+  def body(carry, a):
+    lq, state = carry
+    lm = op(lp0, lq, a)
+    lq_new, state = proj.step(lm, state)
+    return (lq_new, state), lq_new
+
+  (_, _), traj = jax.lax.scan(body, (lq0, proj.init(lq0)), alphas)
+  return jnp.concatenate([lq0[None], traj], axis=0)
+
+
+# ----------------------------------------------------------------------------- mixture family
+
+
+def _mixture_log_q(log_pi: Array, log_comp: Array) -> Array:
+  # log q_k = log Σ_j π_j c_jk ; log_pi [..., J], log_comp [J, K]
+  return C.logsumexp(log_pi[..., :, None] + log_comp, axis=-2)
+
+
+def project_mixture(log_m: Array, log_components: Array, *, iters: int = 5000,
+                    log_weights0: Array | None = None) -> tuple[Array, Array]:
+  r"""M-projection of m onto the mixture family Q = {Σ_j π_j c_j}: argmin_π KL(m ‖ Σ_j π_j c_j).
+
+  EM on the weights, π_j ← π_j Σ_k m_k c_jk / q_k (spec §9 [proposed]); each step does not
+  increase the objective (it is the EM for a mixture with fixed components). Log space.
+
+  Args:
+    log_m: target log-probabilities ``[..., K]``.
+    log_components: ``[J, K]`` fixed component log-probabilities.
+    iters: EM iterations.
+    log_weights0: optional warm start ``[..., J]`` (default uniform).
+
+  Returns:
+    ``(log_q, log_weights)``.
+  """
+  lm = C.as_log_probs("log_m", log_m)
+  lc = C.as_log_probs("log_components", log_components, min_rank=2).astype(lm.dtype)
+  if lc.ndim != 2 or lc.shape[-1] != lm.shape[-1]:
+    raise ValueError(f"`log_components` must have shape [J, K] with K={lm.shape[-1]}, got "
+                     f"{lc.shape}.")
+  j = lc.shape[0]
+  if log_weights0 is None:
+    log_pi = jnp.full(lm.shape[:-1] + (j,), -jnp.log(float(j)), lm.dtype)
+  else:
+    log_pi = jnp.broadcast_to(jnp.asarray(log_weights0, lm.dtype), lm.shape[:-1] + (j,))
+
+  # EM in probability space (matrix products only: cheap to compile inside scan); the weights
+  # stay strictly positive from a positive start, so log π is recovered exactly at the end.
+  m = jnp.exp(lm)
+  comp = jnp.exp(lc)
+
+  def em(_, pi):
+    q = pi @ comp                                                    # [..., K]
+    ratio = jnp.where(m > 0, m / jnp.where(q > 0, q, 1.0), 0.0)
+    new = pi * (ratio @ comp.T)                                      # [..., J]
+    return new / jnp.sum(new, axis=-1, keepdims=True)
+
+  log_pi = C.safe_log(jax.lax.fori_loop(0, iters, em, jnp.exp(log_pi)))
+  return _mixture_log_q(log_pi, lc), log_pi
+
+
+def mixture_family(log_components: Array, *, iters: int = 500,
+                   init_iters: int = 5000) -> Projection:
+  """Projection onto mixtures of fixed components (a convex, capacity-limited family).
+
+  ``init`` fits the weights of q0 (``init_iters`` EM steps from uniform); each ``step`` runs
+  ``iters`` EM steps warm-started from the previous generation's weights. Design choice
+  (kdjax) [proposed], spec §5 / §9.
+  """
+  lc = jnp.asarray(log_components)
+
+  def init(log_q0):
+    return project_mixture(log_q0, lc, iters=init_iters)[1]
+
+  def step(log_m, log_pi):
+    return project_mixture(log_m, lc, iters=iters, log_weights0=log_pi)
+
+  return Projection(init=init, step=step)
+
+
+# ----------------------------------------------------------------------------- softmax-linear
+
+
+def _sl_logits(w: Array, feats: Array) -> Array:
+  # reference-class parametrisation: the last class has logit 0 (removes softmax's shift
+  # invariance, so the M-projection objective is strictly convex for full-rank features).
+  z = feats @ w
+  return jnp.concatenate([z, jnp.zeros(z.shape[:-1] + (1,), z.dtype)], axis=-1)
+
+
+def project_softmax_linear(log_m: Array, features: Array, *, iters: int = 30,
+                           w0: Array | None = None) -> tuple[Array, Array]:
+  r"""M-projection onto Q = {q(·|x_n) = softmax(φ(x_n) W)}: argmin_W mean_n KL(m_n ‖ q_n).
+
+  A log-convex (exponential) family: the geometric analogue of (C) in spec §5 [proposed].
+  Solved by damped Newton with backtracking on W ∈ R^{d×(K−1)} (last class logit fixed at 0).
+
+  Args:
+    log_m: targets ``[N, K]``.
+    features: ``[N, d]`` (include a constant column for a bias).
+    iters: Newton iterations.
+    w0: warm start ``[d, K−1]``.
+
+  Returns:
+    ``(log_q [N, K], W)``.
+  """
+  lm = C.as_log_probs("log_m", log_m, min_rank=2)
+  phi = jnp.asarray(features, lm.dtype)
+  if phi.ndim != 2 or phi.shape[0] != lm.shape[0]:
+    raise ValueError(f"`features` must have shape [N, d] with N={lm.shape[0]}, got "
+                     f"{phi.shape}.")
+  d, k = phi.shape[1], lm.shape[-1]
+  m = jnp.exp(lm)
+
+  def objective(wflat):
+    lq = jax.nn.log_softmax(_sl_logits(wflat.reshape(d, k - 1), phi), axis=-1)
+    return -jnp.mean(jnp.sum(jnp.where(m > 0, m * lq, 0.0), axis=-1))
+
+  grad = jax.grad(objective)
+  hess = jax.hessian(objective)
+  w = jnp.zeros(d * (k - 1), lm.dtype) if w0 is None else jnp.asarray(w0, lm.dtype).reshape(-1)
+  eye = jnp.eye(d * (k - 1), dtype=lm.dtype)
+
+  def newton(_, w):
+    g, h = grad(w), hess(w)
+    direction = jnp.linalg.solve(h + 1e-12 * jnp.trace(h) * eye, g)
+    f0 = objective(w)
+
+    def backtrack(state):
+      t, _ = state
+      return t * 0.5, objective(w - t * 0.5 * direction)
+
+    slope = jnp.dot(g, direction)  # > 0 for a descent direction -direction
+
+    def armijo_fails(state):
+      t, f = state
+      return (~(f <= f0 - 1e-4 * t * slope)) & (t > 1e-8)
+
+    t, _ = jax.lax.while_loop(armijo_fails, backtrack,
+                              (jnp.asarray(1.0, lm.dtype), objective(w - direction)))
+    return jnp.where(objective(w - t * direction) <= f0, w - t * direction, w)
+
+  w = jax.lax.fori_loop(0, iters, newton, w)
+  w = w.reshape(d, k - 1)
+  return jax.nn.log_softmax(_sl_logits(w, phi), axis=-1), w
+
+
+def softmax_linear_family(features: Array, *, iters: int = 10,
+                          init_iters: int = 50) -> Projection:
+  """Projection onto the softmax-linear (log-linear) family on fixed features.
+
+  The trajectory is over the whole batch ``[N, K]`` (a conditional student q(·|x_n)); the state
+  is the weight matrix, warm-started across generations. Design choice (kdjax) [proposed].
+  """
+  phi = jnp.asarray(features)
+
+  def init(log_q0):
+    return project_softmax_linear(log_q0, phi, iters=init_iters)[1]
+
+  def step(log_m, w):
+    return project_softmax_linear(log_m, phi, iters=iters, w0=w)
+
+  return Projection(init=init, step=step)
