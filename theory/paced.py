@@ -393,6 +393,22 @@ def _thm6_two_point():
                 detail="rtol on 1-Eff; Eff itself matches to ~1e-16 absolute")
 
 
+@register("paced.thm6_sharp_bound", source="[proposed] derived: Kantorovich, sharper than spec",
+          statement="1-Eff <= d^2 on every draw (tighter than d^2/((1-d)^2+d^2)), attained "
+                    "exactly by the two-point m with a-mass (1-d)/2 at 1+d", doc=f"{_DOC}#sharp")
+def _thm6_sharp_bound():
+  worst = max((_aggregate_draws(d, 20 + i)[0] - d * d).max() for i, d in enumerate(_DELTAS))
+  # Extremal case: a-weights (mu^2/sigma^2) split (1-d)/2 : (1+d)/2 between m = 1+d and 1-d.
+  gap = 0.0
+  for d in (0.3, 0.2, 0.1, 0.05):
+    mu = np.array([np.sqrt((1 - d) / 2), np.sqrt((1 + d) / 2)])
+    s2 = np.ones(2)
+    loss = 1 - float(P.efficiency(mu * np.array([1 + d, 1 - d]), mu, s2))
+    gap = max(gap, abs(loss / (d * d) - 1))
+  return Result(measured=float(max(worst, 0.0, gap)), tolerance=1e-12,
+                detail="spec bound is valid but not tight")
+
+
 @register("paced.thm6_pointwise", source="[proposed] derived: Theorem 6' pointwise",
           statement="G(m w°)/G(w°) = 1-(1-m)^2 (rtol 1e-12) on 1e4 random (mu, sigma^2, m); "
                     "w° = mu^2/(mu^2+sigma^2) maximises G", doc=f"{_DOC}#theorem-6-pointwise")
