@@ -21,12 +21,9 @@ _DOC = "paced.md"
 
 
 def _adaptive_kl():
-  """The one AKL implementation (loss zoo); kdjax.losses exports it."""
-  import kdjax.losses as L  # pylint: disable=import-outside-toplevel
-  if hasattr(L, "adaptive_kl"):
-    return L.adaptive_kl, getattr(L, "adaptive_kl_weights", None)
-  from kdjax.losses import _akl  # pylint: disable=import-outside-toplevel
-  return _akl.adaptive_kl, _akl.adaptive_kl_weights
+  """The one AKL implementation (loss zoo): kdjax.losses.adaptive_kl and its weights."""
+  from kdjax.losses import adaptive_kl, adaptive_kl_weights  # pylint: disable=import-outside-toplevel
+  return adaptive_kl, adaptive_kl_weights
 
 
 # ----------------------------------------------------------------------------- 1. weight
