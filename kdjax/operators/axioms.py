@@ -206,7 +206,7 @@ def check_softening_axioms(operator: Callable[[Array, Any], Array], *, num_draws
     s5 = jnp.max(jnp.abs(jnp.exp(op(lp, 1e4)) - 1.0 / k), -1)
     if low_temperature is not None:
       srt = jnp.sort(p, -1)
-      unique = (srt[:, -1] - srt[:, -2]) > 1e-2 * srt[:, -1]   # well-separated argmax
+      unique = (srt[:, -1] - srt[:, -2]) > 2e-2 * srt[:, -1]   # well-separated argmax
       onehot = jax.nn.one_hot(jnp.argmax(p, -1), k, dtype=p.dtype)
       low = jnp.max(jnp.abs(jnp.exp(op(lp, low_temperature)) - onehot), -1)
       s5 = jnp.maximum(s5, jnp.where(unique, low, 0.0))

@@ -26,7 +26,8 @@ from kdjax.operators.meta import make_operator
 Array = jax.Array
 
 __all__ = ["Projection", "recurse", "mixture_family", "project_mixture",
-           "softmax_linear_family", "project_softmax_linear", "alpha_schedule"]
+           "softmax_linear_family", "project_softmax_linear", "alpha_schedule",
+           "fixed_point"]
 
 
 class Projection(NamedTuple):
@@ -267,3 +268,47 @@ def softmax_linear_family(features: Array, *, iters: int = 10,
     return project_softmax_linear(log_m, phi, iters=iters, w0=w)
 
   return Projection(init=init, step=step)
+
+
+# ----------------------------------------------------------------------------- fixed points
+
+
+def fixed_point(f: Callable[[Array, Any], Array], x0: Array, params: Any, *,
+                iters: int = 500) -> Array:
+  r"""x* = f(x*, params) by iteration, differentiated implicitly in ``params``.
+
+  The backward pass solves u = g + (∂f/∂x)ᵀ u at x* by the same fixed-point iteration and
+  returns (∂f/∂params)ᵀ u — the implicit-function theorem, as in jaxopt's
+  ``custom_fixed_point`` (spec §9, Design choice (kdjax) [proposed]); no unrolled graph is
+  stored. Requires f to be a contraction in x near x* (true for the anchored maps).
+  """
+  return _fixed_point(f, iters, x0, params)
+
+
+def _fp_solve(f, iters, x0, params):
+  return jax.lax.fori_loop(0, iters, lambda _, x: f(x, params), x0)
+
+
+def _make_fp():
+  import functools  # pylint: disable=import-outside-toplevel
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+  def fp(f, iters, x0, params):
+    return _fp_solve(f, iters, x0, params)
+
+  def fwd(f, iters, x0, params):
+    x = _fp_solve(f, iters, x0, params)
+    return x, (x, params)
+
+  def bwd(f, iters, res, g):
+    x, params = res
+    _, vjp_x = jax.vjp(lambda y: f(y, params), x)
+    u = jax.lax.fori_loop(0, iters, lambda _, u: g + vjp_x(u)[0], g)
+    _, vjp_p = jax.vjp(lambda p: f(x, p), params)
+    return (jnp.zeros_like(x), vjp_p(u)[0])
+
+  fp.defvjp(fwd, bwd)
+  return fp
+
+
+_fixed_point = _make_fp()
