@@ -48,8 +48,8 @@ Semantics shared by every implementation:
   is not counted in the normaliser of the :class:`~kdjax.reductions.SumAndCount`.
 * The teacher is a constant (``stop_gradient``): no gradient flows to ``x_T``, ``W_T`` or
   ``teacher_logits``.
-* Matmuls read the inputs in their own dtype (bfloat16 stays bfloat16) and accumulate in float32;
-  all softmax math is float32; the logit gradient is rounded to the head weight's dtype before
+* Matmuls read the inputs in their own dtype (bfloat16 stays bfloat16) and accumulate in float32
+  (float64 if an input is float64); all softmax math is in that compute dtype; the logit gradient is rounded to the head weight's dtype before
   the two backward matmuls (as fused GPU kernels do) while ``dW_S`` is accumulated in float32.
   Design choice (kdjax) [proposed].
 * Generalized JSD at a concrete β = 0 is forward KL and at β = 1 reverse KL, the endpoint
@@ -110,14 +110,15 @@ class _Cfg(NamedTuple):
   tile_size: int
   has_labels: bool
   teacher_is_logits: bool
+  dtype: str = "float32"  # compute dtype: float64 when an input is float64, else float32
 
 
 # ----------------------------------------------------------------------------- shared math
 
 
-def _matmul(x: Array, w: Array) -> Array:
+def _matmul(x: Array, w: Array, dtype) -> Array:
   # einsum, not x @ w.T: XLA:CPU copies a transposed weight for the latter (anchors §4.5).
-  return jnp.einsum("nh,vh->nv", x, w, preferred_element_type=jnp.float32)
+  return jnp.einsum("nh,vh->nv", x, w, preferred_element_type=dtype)
 
 
 def _window(total: int, size: int, i: Array) -> tuple[Array, Array]:
@@ -133,21 +134,23 @@ def _num_windows(total: int, size: int) -> int:
 
 
 def _teacher_rows(teacher: tuple, start, size: int, cfg: _Cfg) -> Array:
-  """Teacher logits of rows [start, start + size) (float32)."""
+  """Teacher logits of rows [start, start + size)."""
+  dt = jnp.dtype(cfg.dtype)
   if cfg.teacher_is_logits:
     (logits,) = teacher
-    return jax.lax.dynamic_slice_in_dim(logits, start, size, 0).astype(jnp.float32)
+    return jax.lax.dynamic_slice_in_dim(logits, start, size, 0).astype(dt)
   x_t, w_t = teacher
-  return _matmul(jax.lax.dynamic_slice_in_dim(x_t, start, size, 0), w_t)
+  return _matmul(jax.lax.dynamic_slice_in_dim(x_t, start, size, 0), w_t, dt)
 
 
 def _teacher_cols(teacher: tuple, start, size: int, cfg: _Cfg) -> Array:
   """Teacher logits of all tokens for vocabulary columns [start, start + size)."""
+  dt = jnp.dtype(cfg.dtype)
   if cfg.teacher_is_logits:
     (logits,) = teacher
-    return jax.lax.dynamic_slice_in_dim(logits, start, size, 1).astype(jnp.float32)
+    return jax.lax.dynamic_slice_in_dim(logits, start, size, 1).astype(dt)
   x_t, w_t = teacher
-  return _matmul(x_t, _weight_rows(w_t, start, size))
+  return _matmul(x_t, _weight_rows(w_t, start, size), dt)
 
 
 def _values_from_logits(s_logits: Array, t_logits: Array, labels: Array, mask: Array,
@@ -175,11 +178,12 @@ def _values_from_logits(s_logits: Array, t_logits: Array, labels: Array, mask: A
 
 
 def _reference(x_s, w_s, teacher, mask, labels, hp, cfg):
-  s = _matmul(x_s, w_s)
+  dt = jnp.dtype(cfg.dtype)
+  s = _matmul(x_s, w_s, dt)
   if cfg.teacher_is_logits:
-    t = teacher[0].astype(jnp.float32)
+    t = teacher[0].astype(dt)
   else:
-    t = _matmul(*teacher)
+    t = _matmul(*teacher, dt)
   return _values_from_logits(s, jax.lax.stop_gradient(t), labels, mask, hp, cfg)
 
 
@@ -187,12 +191,13 @@ def _reference(x_s, w_s, teacher, mask, labels, hp, cfg):
 
 
 def _chunked_forward(x_s, w_s, teacher, mask, labels, hp, cfg):
+  dt = jnp.dtype(cfg.dtype)
   n = x_s.shape[0]
   c = cfg.chunk_size
 
   def body(out, i):
     start, fresh = _window(n, c, i)
-    s = _matmul(jax.lax.dynamic_slice_in_dim(x_s, start, c, 0), w_s)
+    s = _matmul(jax.lax.dynamic_slice_in_dim(x_s, start, c, 0), w_s, dt)
     t = _teacher_rows(teacher, start, c, cfg)
     m = jax.lax.dynamic_slice_in_dim(mask, start, c, 0) & fresh
     lab = jax.lax.dynamic_slice_in_dim(labels, start, c, 0)
@@ -200,7 +205,7 @@ def _chunked_forward(x_s, w_s, teacher, mask, labels, hp, cfg):
     old = jax.lax.dynamic_slice_in_dim(out, start, c, 0)
     return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(fresh, v, old), start, 0), None
 
-  out, _ = jax.lax.scan(body, jnp.zeros((n,), jnp.float32), jnp.arange(_num_windows(n, c)))
+  out, _ = jax.lax.scan(body, jnp.zeros((n,), dt), jnp.arange(_num_windows(n, c)))
   return out
 
 
@@ -215,6 +220,7 @@ def _chunked_fwd(x_s, w_s, teacher, mask, labels, hp, cfg):
 
 
 def _chunked_bwd(cfg, res, g):
+  dt = jnp.dtype(cfg.dtype)
   x_s, w_s, teacher, mask, labels, hp = res
   n, v = x_s.shape[0], w_s.shape[0]
   c, vt = cfg.chunk_size, cfg.tile_size
@@ -223,15 +229,15 @@ def _chunked_bwd(cfg, res, g):
     dw, dx = carry
     start, fresh = _window(n, c, i)
     xc = jax.lax.dynamic_slice_in_dim(x_s, start, c, 0)
-    s = _matmul(xc, w_s)
+    s = _matmul(xc, w_s, dt)
     t = _teacher_rows(teacher, start, c, cfg)
     m = jax.lax.dynamic_slice_in_dim(mask, start, c, 0) & fresh
     lab = jax.lax.dynamic_slice_in_dim(labels, start, c, 0)
     gc = jnp.where(m, jax.lax.dynamic_slice_in_dim(g, start, c, 0), 0.0)
     _, vjp = jax.vjp(lambda z: _values_from_logits(z, t, lab, m, hp, cfg), s)
-    (dz,) = vjp(gc.astype(jnp.float32))
+    (dz,) = vjp(gc.astype(dt))
     dz = dz.astype(w_s.dtype)
-    dxc = jnp.einsum("cv,vh->ch", dz, w_s, preferred_element_type=jnp.float32)
+    dxc = jnp.einsum("cv,vh->ch", dz, w_s, preferred_element_type=dt)
     xw = xc.astype(w_s.dtype)
 
     # dW += dz^T x one vocabulary tile of rows at a time: a whole-[V, H] product would be a
@@ -239,7 +245,7 @@ def _chunked_bwd(cfg, res, g):
     def dw_tile(dw, j):
       vstart, vfresh = _window(v, vt, j)
       dz_t = jnp.where(vfresh[None, :], jax.lax.dynamic_slice_in_dim(dz, vstart, vt, 1), 0)
-      upd = jnp.einsum("cv,ch->vh", dz_t, xw, preferred_element_type=jnp.float32)
+      upd = jnp.einsum("cv,ch->vh", dz_t, xw, preferred_element_type=dt)
       old_t = jax.lax.dynamic_slice_in_dim(dw, vstart, vt, 0)
       return jax.lax.dynamic_update_slice_in_dim(dw, old_t + upd, vstart, 0), None
 
@@ -248,7 +254,7 @@ def _chunked_bwd(cfg, res, g):
     dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(fresh[:, None], dxc, old), start, 0)
     return (dw, dx), None
 
-  init = (jnp.zeros(w_s.shape, jnp.float32), jnp.zeros(x_s.shape, jnp.float32))
+  init = (jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt))
   (dw, dx), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(n, c)))
   return dx.astype(x_s.dtype), dw.astype(w_s.dtype), None, None, None, None
 
@@ -279,8 +285,9 @@ def _weight_rows(w: Array, start, size: int) -> Array:
 
 
 def _tile_logits(x_s, w_s, teacher, start, size, cfg):
+  dt = jnp.dtype(cfg.dtype)
   w_tile = _weight_rows(w_s, start, size)
-  return _matmul(x_s, w_tile), _teacher_cols(teacher, start, size, cfg), w_tile
+  return _matmul(x_s, w_tile, dt), _teacher_cols(teacher, start, size, cfg), w_tile
 
 
 def _mixture_terms(lp, lq, coef, cfg):
@@ -291,13 +298,14 @@ def _mixture_terms(lp, lq, coef, cfg):
 
 
 def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
-  """Per-token float32 statistics: log-normalisers, divergence and the backward scalar."""
+  """Per-token statistics (compute dtype): log-normalisers, divergence and the backward scalar."""
+  dt = jnp.dtype(cfg.dtype)
   n, v = x_s.shape[0], w_s.shape[0]
   vt = cfg.tile_size
   temperature, coef = hp[0], hp[1]
   nt = _num_windows(v, vt)
-  neg = jnp.full((n,), -jnp.inf, jnp.float32)
-  zero = jnp.zeros((n,), jnp.float32)
+  neg = jnp.full((n,), -jnp.inf, dt)
+  zero = jnp.zeros((n,), dt)
 
   # Pass 1: log-normalisers of both sides (and of the raw student logits for CE), plus the
   # one-pass KL accumulators a = Σ e^{t−m_t}(t − s), b = Σ e^{s−m_s}(s − t).
@@ -378,11 +386,12 @@ def _streaming_fwd(x_s, w_s, teacher, mask, labels, hp, cfg):
 
 
 def _streaming_bwd(cfg, res, g):
+  dt = jnp.dtype(cfg.dtype)
   x_s, w_s, teacher, mask, labels, hp, stats = res
   v = w_s.shape[0]
   vt = cfg.tile_size
   temperature, coef, kd_weight, ce_weight = hp[0], hp[1], hp[2], hp[3]
-  g = jnp.where(mask, g, 0.0).astype(jnp.float32)
+  g = jnp.where(mask, g, 0.0).astype(dt)
   lse_s, lse_t, aux = stats["lse_s"][:, None], stats["lse_t"][:, None], stats["aux"][:, None]
   x_w = x_s.astype(w_s.dtype)
 
@@ -405,17 +414,17 @@ def _streaming_bwd(cfg, res, g):
     dz = (kd_weight / temperature) * ds
     if cfg.has_labels:
       cols = start + jnp.arange(vt)
-      onehot = (cols[None, :] == labels[:, None]).astype(jnp.float32)
+      onehot = (cols[None, :] == labels[:, None]).astype(dt)
       dz = dz + ce_weight * (jnp.exp(zs - stats["lse_c"][:, None]) - onehot)
     dz = jnp.where(fresh[None, :], g[:, None] * dz, 0.0).astype(w_s.dtype)
-    dw_tile = jnp.einsum("nv,nh->vh", dz, x_w, preferred_element_type=jnp.float32)
+    dw_tile = jnp.einsum("nv,nh->vh", dz, x_w, preferred_element_type=dt)
     # Shifted last tile: its repeated rows carry dz = 0, so adding is exact.
     old = jax.lax.dynamic_slice_in_dim(dw, start, vt, 0)
     dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dw_tile, start, 0)
-    dx = dx + jnp.einsum("nv,vh->nh", dz, w_tile, preferred_element_type=jnp.float32)
+    dx = dx + jnp.einsum("nv,vh->nh", dz, w_tile, preferred_element_type=dt)
     return (dw, dx), None
 
-  init = (jnp.zeros(w_s.shape, jnp.float32), jnp.zeros(x_s.shape, jnp.float32))
+  init = (jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt))
   (dw, dx), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(v, vt)))
   return dx.astype(x_s.dtype), dw.astype(w_s.dtype), None, None, None, None
 
@@ -477,7 +486,7 @@ def fused_linear_distillation_per_token(
       head-weight gradient in row tiles of this size); clipped to V.
 
   Returns:
-    ``[...]`` float32 per-token loss, 0 at removed tokens.
+    ``[...]`` per-token loss (float32; float64 for float64 inputs), 0 at removed tokens.
   """
   values, _ = _per_token_and_mask(**locals())
   return values
@@ -558,6 +567,7 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
   else:
     lab = jnp.zeros((n,), jnp.int32)
 
+  dt = _checks.compute_dtype(x_s, w_s, *teacher)
   # Endpoint convention of divergences.generalized_jsd for a concrete β ∈ {0, 1}.
   coef = skew if divergence == "skew_forward_kl" else beta
   if divergence == "generalized_jsd":
@@ -566,13 +576,14 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
       divergence = "forward_kl"
     elif b == 1.0:
       divergence = "reverse_kl"
-  hp = jnp.stack([jnp.asarray(temperature, jnp.float32), jnp.asarray(coef, jnp.float32),
-                  jnp.asarray(kd_weight, jnp.float32), jnp.asarray(ce_weight, jnp.float32)])
+  hp = jnp.stack([jnp.asarray(temperature, dt), jnp.asarray(coef, dt),
+                  jnp.asarray(kd_weight, dt), jnp.asarray(ce_weight, dt)])
 
   if n == 0:
-    return jnp.zeros(batch_shape, jnp.float32), mask.reshape(batch_shape)
+    return jnp.zeros(batch_shape, dt), mask.reshape(batch_shape)
   cfg = _Cfg(divergence=divergence, chunk_size=min(chunk_size, n), tile_size=min(tile_size, v),
-             has_labels=labels is not None, teacher_is_logits=teacher_logits is not None)
+             has_labels=labels is not None, teacher_is_logits=teacher_logits is not None,
+             dtype=jnp.dtype(dt).name)
   fn = {"reference": _reference, "chunked": _chunked, "streaming": _streaming}[implementation]
   values = fn(x_s, w_s, teacher, mask, lab, hp, cfg)
   return values.reshape(batch_shape), mask.reshape(batch_shape)

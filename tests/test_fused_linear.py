@@ -1,0 +1,255 @@
+"""Fused linear-head losses: chunked and streaming against the materialising reference.
+
+Tolerances: float32 inputs rtol 1e-5 (values and gradients; the fast paths differ from the
+reference only in summation order). bfloat16 inputs: the matmuls read bf16 and accumulate in
+f32 in every implementation, but the fast paths round the logit gradient to bf16 before the two
+backward matmuls (as fused GPU kernels do) while autodiff of the reference does not, so
+gradients agree to rtol 5e-2 / atol 2e-2 of the gradient's scale (Liger's bf16 test tolerance is
+atol 5e-2 / rtol 5e-1) and values to rtol 1e-4.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import divergences
+from kdjax.losses import fused_linear as fl
+
+N, H, HT, V = 37, 8, 12, 101   # N not a multiple of 7 or 16, V not a multiple of 16
+FAST = ("chunked", "streaming")
+
+
+def _inputs(n=N, v=V, dtype=jnp.float32, scale=1.0, seed=0):
+  k = jax.random.split(jax.random.key(seed), 6)
+  x_s = (scale * jax.random.normal(k[0], (n, H))).astype(dtype)
+  w_s = jax.random.normal(k[1], (v, H)).astype(dtype)
+  x_t = (scale * jax.random.normal(k[2], (n, HT))).astype(dtype)
+  w_t = jax.random.normal(k[3], (v, HT)).astype(dtype)
+  labels = jax.random.randint(k[4], (n,), 0, v)
+  mask = jax.random.bernoulli(k[5], 0.7, (n,))
+  return x_s, w_s, x_t, w_t, labels, mask
+
+
+def _value_and_grads(implementation, x_s, w_s, x_t, w_t, **kw):
+  def loss(x_s, w_s):
+    return fl.fused_linear_distillation(x_s, w_s, x_t, w_t, implementation=implementation,
+                                        **kw).mean()
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x_s, w_s)
+
+
+def _jit(fn, *args, **kw):
+  """Calls fn under jit (eager dispatch would compile every small op separately)."""
+  return jax.jit(lambda *a: fn(*a, **kw))(*args)
+
+
+def _assert_close(got, want, rtol=1e-5, atol_scale=1e-6):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, w, rtol=rtol, atol=atol_scale * (np.abs(w).max() + 1e-30))
+
+
+@pytest.mark.parametrize("divergence", fl.DIVERGENCES)
+def test_matches_reference_f32(divergence):
+  x_s, w_s, x_t, w_t, labels, mask = _inputs()
+  kw = dict(divergence=divergence, temperature=2.0, beta=0.3, skew=0.2, labels=labels,
+            ce_weight=0.7, kd_weight=1.3, where=mask, chunk_size=7, tile_size=16)
+  want = _value_and_grads("reference", x_s, w_s, x_t, w_t, **kw)
+  for implementation in FAST:
+    _assert_close(_value_and_grads(implementation, x_s, w_s, x_t, w_t, **kw), want)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_per_token_values_and_general_cotangent(implementation):
+  """Per-token values, and a VJP with a non-uniform per-token cotangent."""
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=15, v=30)
+  ct = jax.random.normal(jax.random.key(9), (15,))
+  kw = dict(divergence="reverse_kl", temperature=0.7, labels=labels, where=mask, chunk_size=4,
+            tile_size=8)
+
+  @jax.jit
+  def vjp_ref(a, b):
+    return vjp("reference", a, b)
+
+  def vjp(impl, a, b):
+    f = lambda a, b: fl.fused_linear_distillation_per_token(a, b, x_t, w_t, implementation=impl,
+                                                            **kw)
+    out, pullback = jax.vjp(f, a, b)
+    return out, pullback(ct)
+
+  want = vjp_ref(x_s, w_s)
+  got = jax.jit(lambda a, b: vjp(implementation, a, b))(x_s, w_s)
+  assert np.all(np.asarray(want[0])[~np.asarray(mask)] == 0)
+  _assert_close(got, want)
+
+
+@pytest.mark.parametrize("implementation,size", [("chunked", 1), ("chunked", 64),
+                                                 ("streaming", 1), ("streaming", 128)])
+def test_window_sizes(implementation, size):
+  """Chunk 1, tile 1 and windows larger than N or V (clipped); 7 and 16 are covered above."""
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=13, v=23)
+  kw = dict(divergence="forward_kl", temperature=1.5, where=mask, chunk_size=size,
+            tile_size=size)
+  want = _value_and_grads("reference", x_s, w_s, x_t, w_t, **kw)
+  _assert_close(_value_and_grads(implementation, x_s, w_s, x_t, w_t, **kw), want)
+
+
+def test_reference_is_the_divergence_of_materialised_logits(x64):
+  """The oracle itself against kdjax.divergences + a hand-written CE, in float64."""
+  x_s, w_s, x_t, w_t, labels, mask = (np.asarray(a) for a in _inputs())
+  x_s, w_s, x_t, w_t = (a.astype(np.float64) for a in (x_s, w_s, x_t, w_t))
+  zs, zt = x_s @ w_s.T, x_t @ w_t.T
+  zmax = zs.max(-1, keepdims=True)
+  log_p = zs - zmax - np.log(np.exp(zs - zmax).sum(-1, keepdims=True))
+  ce = -log_p[np.arange(N), labels]
+  for div, fn in [("forward_kl", divergences.forward_kl), ("reverse_kl", divergences.reverse_kl)]:
+    per = _jit(fl.fused_linear_distillation_per_token,
+        x_s, w_s, x_t, w_t, divergence=div, temperature=3.0, labels=labels, ce_weight=0.5,
+        where=mask, implementation="reference")
+    want = np.where(mask, np.asarray(fn(zs, zt, temperature=3.0)) + 0.5 * ce, 0.0)
+    np.testing.assert_allclose(np.asarray(per), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_bfloat16_inputs(implementation):
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(dtype=jnp.bfloat16)
+  kw = dict(divergence="generalized_jsd", beta=0.4, temperature=2.0, labels=labels, where=mask,
+            chunk_size=7, tile_size=16)
+  (v_ref, g_ref) = _value_and_grads("reference", x_s, w_s, x_t, w_t, **kw)
+  (v, g) = _value_and_grads(implementation, x_s, w_s, x_t, w_t, **kw)
+  assert v.dtype == jnp.float32 and g[1].dtype == jnp.bfloat16
+  np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-4)
+  _assert_close(g, g_ref, rtol=5e-2, atol_scale=2e-2)
+
+
+@pytest.mark.parametrize("implementation", ("reference",) + FAST)
+def test_all_tokens_masked(implementation):
+  x_s, w_s, x_t, w_t, labels, _ = _inputs(n=9, v=23)
+  none = jnp.zeros((9,), bool)
+  acc = _jit(fl.fused_linear_distillation, x_s, w_s, x_t, w_t, where=none, labels=labels,
+                                     implementation=implementation, chunk_size=4, tile_size=8)
+  assert float(acc.sum) == 0.0 and float(acc.count) == 0.0
+  value, grads = _value_and_grads(implementation, x_s, w_s, x_t, w_t, where=none,
+                                  divergence="reverse_kl", chunk_size=4, tile_size=8)
+  assert float(value) == 0.0
+  for g in grads:
+    assert np.all(np.asarray(g) == 0.0)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_masked_equals_sliced_and_ignore_index(implementation):
+  """Masked tokens are excluded from the sum and the count: the mean equals the kept slice's."""
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=20, v=30)
+  keep = np.asarray(mask)
+  kw = dict(divergence="skew_forward_kl", skew=0.3, implementation=implementation,
+            chunk_size=6, tile_size=8)
+  masked = _jit(fl.fused_linear_distillation, x_s, w_s, x_t, w_t, where=mask, labels=labels, **kw)
+  sliced = _jit(fl.fused_linear_distillation, x_s[keep], w_s, x_t[keep], w_t, labels=labels[keep],
+                                        **kw)
+  assert float(masked.count) == keep.sum() == float(sliced.count)
+  np.testing.assert_allclose(float(masked.mean()), float(sliced.mean()), rtol=1e-5)
+  ignored = _jit(fl.fused_linear_distillation, x_s, w_s, x_t, w_t,
+                                         labels=jnp.where(mask, labels, -100), **kw)
+  np.testing.assert_allclose(float(ignored.mean()), float(sliced.mean()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_teacher_logits_and_batch_dims(implementation):
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=12, v=30)
+  kw = dict(divergence="generalized_jsd", beta=0.7, where=mask, implementation=implementation,
+            chunk_size=5, tile_size=8)
+  from_hidden = _jit(fl.fused_linear_distillation_per_token, x_s, w_s, x_t, w_t, **kw)
+  kw["where"] = mask.reshape(3, 4)
+  from_logits = _jit(fl.fused_linear_distillation_per_token,
+      x_s.reshape(3, 4, H), w_s, teacher_logits=(x_t @ w_t.T).reshape(3, 4, 30), **kw)
+  assert from_logits.shape == (3, 4)
+  np.testing.assert_allclose(np.asarray(from_logits).ravel(), np.asarray(from_hidden),
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_large_logits_finite(implementation):
+  """Logits of order ±1e4 (T = 1): finite and equal to the reference."""
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=10, v=23, scale=3e3)
+  for div in ("reverse_kl", "generalized_jsd"):
+    kw = dict(divergence=div, labels=labels, where=mask, chunk_size=4, tile_size=8)
+    want = _value_and_grads("reference", x_s, w_s, x_t, w_t, **kw)
+    # Reverse KL's gradient holds (log p_S − log p_T) − KL with both terms ~1e4, where a
+    # float32 ulp is 1e-3: the two summation orders agree to that conditioning, not to 1e-5.
+    _assert_close(_value_and_grads(implementation, x_s, w_s, x_t, w_t, **kw), want, rtol=3e-3,
+                  atol_scale=1e-3)
+
+
+def test_jsd_endpoints_are_the_kls():
+  x_s, w_s, x_t, w_t, _, _ = _inputs(n=6, v=11)
+  for beta, div in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+    a = _jit(fl.fused_linear_generalized_jsd, x_s, w_s, x_t, w_t, beta=beta, implementation="streaming")
+    b = _jit(fl.fused_linear_distillation, x_s, w_s, x_t, w_t, divergence=div, implementation="chunked")
+    np.testing.assert_allclose(float(a.mean()), float(b.mean()), rtol=1e-5)
+  assert fl.fused_linear_reverse_kl.__name__ == "fused_linear_reverse_kl"
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_mesh_equals_single_device(implementation):
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=32, v=30)
+  kw = dict(divergence="forward_kl", temperature=2.0, labels=labels, where=mask,
+            chunk_size=8, tile_size=8)
+  want = _value_and_grads(implementation, x_s, w_s, x_t, w_t, **kw)
+  tok = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x_s_d, x_t_d = jax.device_put(x_s, tok), jax.device_put(x_t, tok)
+  w_s_d, w_t_d = jax.device_put(w_s, rep), jax.device_put(w_t, rep)
+  kw.update(labels=jax.device_put(labels, tok), where=jax.device_put(mask, tok))
+  got = _value_and_grads(implementation, x_s_d, w_s_d, x_t_d, w_t_d, **kw)
+  assert len(got[1][0].sharding.device_set) == 8
+  _assert_close(got, want)
+
+
+def test_bad_input():
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=6, v=11)
+  f = fl.fused_linear_distillation
+  with pytest.raises(ValueError, match="student_weight"):
+    f(x_s, w_s[:, :5], x_t, w_t)
+  with pytest.raises(ValueError, match="teacher_weight"):
+    f(x_s, w_s, x_t, w_t[:10])
+  with pytest.raises(ValueError, match="teacher_hidden"):
+    f(x_s, w_s, x_t[:5], w_t)
+  with pytest.raises(ValueError, match="teacher_logits"):
+    f(x_s, w_s, teacher_logits=jnp.zeros((6, 10)))
+  with pytest.raises(ValueError, match="not both"):
+    f(x_s, w_s, x_t, w_t, teacher_logits=jnp.zeros((6, 11)))
+  with pytest.raises(ValueError, match="teacher_hidden"):
+    f(x_s, w_s)
+  for t in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="temperature"):
+      f(x_s, w_s, x_t, w_t, temperature=t)
+  with pytest.raises(ValueError, match="beta"):
+    f(x_s, w_s, x_t, w_t, divergence="generalized_jsd", beta=1.5)
+  with pytest.raises(ValueError, match="skew"):
+    f(x_s, w_s, x_t, w_t, divergence="skew_forward_kl", skew=-0.1)
+  for c in (0, -3):
+    with pytest.raises(ValueError, match="chunk_size"):
+      f(x_s, w_s, x_t, w_t, chunk_size=c)
+  for c in (2.5, True):
+    with pytest.raises(TypeError, match="chunk_size"):
+      f(x_s, w_s, x_t, w_t, chunk_size=c)
+  with pytest.raises(ValueError, match="tile_size"):
+    f(x_s, w_s, x_t, w_t, tile_size=0)
+  with pytest.raises(ValueError, match="implementation"):
+    f(x_s, w_s, x_t, w_t, implementation="pallas")
+  with pytest.raises(ValueError, match="divergence"):
+    f(x_s, w_s, x_t, w_t, divergence="kl")
+  with pytest.raises(ValueError, match="labels"):
+    f(x_s, w_s, x_t, w_t, labels=labels.at[0].set(11))
+  with pytest.raises(TypeError, match="labels"):
+    f(x_s, w_s, x_t, w_t, labels=labels.astype(jnp.float32))
+  with pytest.raises(ValueError, match="where"):
+    f(x_s, w_s, x_t, w_t, where=mask[:5])
+  with pytest.raises(TypeError, match="where"):
+    f(x_s, w_s, x_t, w_t, where=mask.astype(jnp.float32))
+  with pytest.raises(TypeError, match="student_hidden"):
+    f(jnp.ones((6, H), jnp.int32), w_s, x_t, w_t)
+  with pytest.raises(TypeError, match="divergence"):
+    fl.fused_linear_forward_kl(x_s, w_s, x_t, w_t, divergence="reverse_kl")
