@@ -154,3 +154,24 @@ def test_nan_loss_run_stops_with_step(data_dir, tmp_path):
   assert "at step" in proc.stderr
   ckpts = list((tmp_path / "checkpoints" / "teacher").glob("[0-9]*"))
   assert not ckpts  # the blow-up happens before the first save: nothing was saved
+
+
+def test_teacher_restored_from_its_own_workdir_on_eight_devices(smoke_run, data_dir, tmp_path):
+  """In-process run (8 fake devices from conftest) reusing the smoke run's finished teacher."""
+  from experiments.configs import digits_kd
+  from experiments.tasks import digits_kd as task
+  ref_dir, _ = smoke_run
+  cfg = digits_kd.get_config("smoke")
+  cfg.data_dir = str(data_dir)
+  cfg.teacher_workdir = str(ref_dir)
+  cfg.student_steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 20, 10, 0, 0
+  cfg.progress = False
+  res = task.run(cfg, str(tmp_path / "w"))
+  ref = json.loads((ref_dir / "results.json").read_text())
+  assert res["rows"][0]["test_acc"] == ref["rows"][0]["test_acc"]
+  assert res["rows"][0]["test_ce"] == pytest.approx(ref["rows"][0]["test_ce"], rel=1e-5)
+  assert not (tmp_path / "w" / "checkpoints" / "teacher").exists()
+  assert (tmp_path / "w" / "checkpoints" / "student" / "20").is_dir()
+  cfg.teacher_workdir = str(tmp_path / "empty")
+  with pytest.raises(ValueError, match="teacher_workdir"):
+    task.run(cfg, str(tmp_path / "w2"))

@@ -89,7 +89,11 @@ def student_subset(y: np.ndarray, size: int, seed: int) -> np.ndarray:
   rng = np.random.default_rng([seed, 12345])
   classes = np.unique(y)
   per = {c: rng.permutation(np.flatnonzero(y == c)) for c in classes}
-  take = {c: int(round(size * len(per[c]) / n)) for c in classes}
+  quota = np.array([size * len(per[c]) / n for c in classes])
+  take_arr = np.floor(quota).astype(int)
+  # Largest remainders get the leftover examples, so the subset has exactly `size` examples.
+  take_arr[np.argsort(-(quota - take_arr), kind="stable")[:size - take_arr.sum()]] += 1
+  take = dict(zip(classes, take_arr))
   idx = np.concatenate([per[c][:take[c]] for c in classes])
   return np.sort(idx)
 
