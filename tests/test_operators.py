@@ -117,3 +117,125 @@ def test_aggregate_bad_arguments():
     ops.aggregate(lp, teacher_axis=-1)
   with pytest.raises(ValueError, match="rank"):
     ops.aggregate(jnp.zeros(3))
+
+
+# ----------------------------------------------------------------------------- softening / meta
+
+
+def test_soften_families_and_errors(x64):
+  lp = jnp.log(jnp.array([0.7, 0.2, 0.1, 0.0]))
+  p = np.array([0.7, 0.2, 0.1, 0.0])
+  ref = p ** 0.5 / np.sum(p ** 0.5)
+  np.testing.assert_allclose(np.exp(ops.soften(lp, temperature=2.0)), ref, atol=1e-15)
+  np.testing.assert_allclose(np.exp(ops.soften(lp, temperature=2.0, kind="mixing")),
+                             p / 2 + 0.125, atol=1e-15)
+  with pytest.raises(ValueError, match="temperature"):
+    ops.soften(lp, temperature=0.5, kind="mixing")
+  with pytest.raises(ValueError, match="temperature"):
+    ops.soften(lp, temperature=-1.0)
+  with pytest.raises(ValueError, match="kind"):
+    ops.soften(lp, temperature=2.0, kind="cubic")
+
+
+def test_meta_teacher_closed_forms_and_errors(x64):
+  p0, q = _dirichlet(6, (5,), 4), _dirichlet(7, (5,), 4)
+  a = 0.3
+  ar = ops.meta_teacher(jnp.log(p0), jnp.log(q), alpha=a)
+  np.testing.assert_allclose(np.exp(ar), a * p0 + (1 - a) * q, atol=1e-15)
+  geo = ops.meta_teacher(jnp.log(p0), jnp.log(q), alpha=a, kind="geometric")
+  un = p0 ** a * q ** (1 - a)
+  np.testing.assert_allclose(np.exp(geo), un / un.sum(-1, keepdims=True), atol=1e-15)
+  per_ex = ops.meta_teacher(jnp.log(p0), jnp.log(q), alpha=np.linspace(0, 1, 5))
+  np.testing.assert_allclose(np.exp(per_ex[0]), q[0], atol=1e-15)
+  np.testing.assert_allclose(np.exp(per_ex[-1]), p0[-1], atol=1e-15)
+  with pytest.raises(ValueError, match="alpha"):
+    ops.meta_teacher(jnp.log(p0), jnp.log(q), alpha=1.5)
+  with pytest.raises(ValueError, match="temperature"):
+    ops.meta_teacher(jnp.log(p0), jnp.log(q), alpha=0.5, kind="softened_mixture")
+  with pytest.raises(ValueError, match="same shape"):
+    ops.meta_teacher(jnp.log(p0), jnp.log(q[:, :3]), alpha=0.5)
+
+
+# ----------------------------------------------------------------------------- recursion
+
+
+def test_recurse_closed_form_schedule_and_errors(x64):
+  p0, q0 = _dirichlet(8, (), 5), _dirichlet(9, (), 5)
+  traj = ops.recurse(jnp.log(p0), jnp.log(q0), alpha=0.25, steps=12)
+  t = np.arange(13)[:, None]
+  np.testing.assert_allclose(np.exp(traj), p0 + 0.75 ** t * (q0 - p0), atol=1e-14)
+  sched = np.linspace(0.1, 0.9, 6)
+  traj = ops.recurse(jnp.log(p0), jnp.log(q0), alpha=sched)
+  expected = q0
+  for a in sched:
+    expected = a * p0 + (1 - a) * expected
+  np.testing.assert_allclose(np.exp(traj[-1]), expected, atol=1e-14)
+  traj_fn = ops.recurse(jnp.log(p0), jnp.log(q0), alpha=lambda t: 0.1 + 0.8 * t / 5, steps=6)
+  np.testing.assert_allclose(traj_fn, traj, atol=1e-14)
+  with pytest.raises(ValueError, match="steps"):
+    ops.recurse(jnp.log(p0), jnp.log(q0), alpha=0.3)
+  with pytest.raises(TypeError, match="project"):
+    ops.recurse(jnp.log(p0), jnp.log(q0), alpha=0.3, steps=2, project=3)
+
+
+def test_softmax_linear_projection_is_exact_for_geometric_anchoring(x64):
+  rng = np.random.default_rng(10)
+  n, d, k = 20, 3, 4
+  phi = np.concatenate([rng.normal(size=(n, d - 1)), np.ones((n, 1))], 1)
+
+  def member(w):
+    return jax.nn.log_softmax(np.concatenate([phi @ w, np.zeros((n, 1))], 1))
+
+  lp0, lq0 = member(rng.normal(size=(d, k - 1))), member(rng.normal(size=(d, k - 1)))
+  proj = ops.softmax_linear_family(phi)
+  geo = ops.recurse(lp0, lq0, alpha=0.3, steps=5, kind="geometric", project=proj)
+  np.testing.assert_allclose(geo, ops.recurse(lp0, lq0, alpha=0.3, steps=5, kind="geometric"),
+                             atol=1e-7)
+  # arithmetic targets leave the (log-convex) family; the projected recursion still descends
+  ar = ops.recurse(lp0, lq0, alpha=0.3, steps=8, project=proj)
+  kl = np.asarray(jax.vmap(lambda lq: jnp.mean(ops_kl(lp0, lq)))(ar))
+  assert np.all(np.diff(kl) <= 1e-12)
+
+
+def ops_kl(lp, lq):
+  from kdjax import divergences
+  return divergences.kl_from_log(lp, lq)
+
+
+def test_fixed_point_implicit_gradient_matches_closed_form(x64):
+  # x = a * b + (1 - a) * c * x  =>  x* = a b / (1 - (1 - a) c)
+  b, c = 2.0, 0.5
+  f = lambda x, a: a * b + (1 - a) * c * x  # noqa: E731
+  g = jax.grad(lambda a: ops.fixed_point(f, jnp.asarray(0.0), a, iters=200))(0.3)
+  exact = jax.grad(lambda a: a * b / (1 - (1 - a) * c))(0.3)
+  np.testing.assert_allclose(g, exact, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- axiom checkers
+
+
+def test_axiom_checkers_pass_valid_and_flag_bad_operators(x64):
+  good = ops.check_meta_axioms(ops.make_operator("geometric"), num_draws=200, num_classes=(4,))
+  assert not {"M1", "M2", "M3", "M4", "M5"} & set(good.failed(1e-12))
+  assert "M6" in good.failed()  # geometric anchoring is not a pairwise contraction (F5)
+  assert "M7" not in good.failed(1e-12)
+
+  def bad(lp0, lq, alpha):  # ignores the anchor and sharpens the student
+    return jax.nn.log_softmax(3.0 * lq)
+
+  rep = ops.check_meta_axioms(bad, num_draws=200, num_classes=(4,))
+  assert {"M2", "M4"} <= set(rep.failed())
+  assert "q" in rep.witnesses["M4"]
+  assert "M4" in str(rep)
+  const = ops.check_meta_axioms(lambda lp0, lq, a: lp0, num_draws=50, num_classes=(3,))
+  assert const.violations["M5"] > 0.9
+
+  rev = ops.check_softening_axioms(lambda lp, t: jax.nn.log_softmax(-lp / t), num_draws=100,
+                                   num_classes=(4,))
+  assert {"S1", "S4"} <= set(rev.failed())
+  agg = ops.check_aggregation_axioms(lambda lps, w: ops.aggregate(lps, weights=w[::-1]),
+                                     num_draws=100, num_classes=(4,))
+  assert "G3" in agg.failed()  # weights applied to the wrong teachers
+  ok = ops.check_aggregation_axioms(lambda lps, w: ops.aggregate(lps, weights=w),
+                                    num_draws=100, num_classes=(4,))
+  assert not {"G1", "G2", "G3"} & set(ok.failed(1e-12))
