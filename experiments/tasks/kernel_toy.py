@@ -21,7 +21,7 @@ import numpy as np
 from kdjax import kernels
 from kdjax import selfdistill as sd
 
-__all__ = ["run", "toy_setup", "mse_table", "refit_mse_table", "format_mse_table"]
+__all__ = ["run", "toy_setup", "mse_table", "refit_mse_table", "format_mse_table", "toy_figures"]
 
 
 def toy_setup(gamma: float = sd.TOY_GAMMA, lam: float = sd.TOY_LAM):
@@ -78,9 +78,10 @@ def format_mse_table(table: dict[float, list[float]]) -> str:
   return "\n".join(lines)
 
 
-def _plots(workdir: pathlib.Path, alphas, steps, gamma, lam):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
+def toy_figures(alphas=sd.TOY_ALPHAS, steps: int = sd.TOY_STEPS, *, gamma=sd.TOY_GAMMA,
+                lam=sd.TOY_LAM) -> dict:
+  """The three figures of the toy example as matplotlib figures: {"fits", "coefficients",
+  "ratios"} (fits f_1..f_T and f_inf; bars of diag(B^(t)) and B^(inf); R_k per step)."""
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   with jax.enable_x64(True):
     pred, kt, fs, toy = toy_setup(gamma, lam)
@@ -98,8 +99,7 @@ def _plots(workdir: pathlib.Path, alphas, steps, gamma, lam):
       ax.set_ylim(-1.5, 1.6)
     axes[0][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(workdir / "fits.png", dpi=110)
-    plt.close(fig)
+    figs = {"fits": fig}
     # diag(B^(t)) bars and R_k lines.
     k_idx = np.arange(1, len(toy["x"]) + 1)
     fig, axes = plt.subplots(1, len(alphas), figsize=(4.4 * len(alphas), 3.4), squeeze=False)
@@ -121,10 +121,10 @@ def _plots(workdir: pathlib.Path, alphas, steps, gamma, lam):
       ax2.set_xlabel("k")
     axes[0][0].legend(fontsize=7)
     axes2[0][0].legend(fontsize=7)
-    for f, name in ((fig, "coefficients.png"), (fig2, "ratios.png")):
+    for f, name in ((fig, "coefficients"), (fig2, "ratios")):
       f.tight_layout()
-      f.savefig(workdir / name, dpi=110)
-      plt.close(f)
+      figs[name] = f
+  return figs
 
 
 def run(config, workdir) -> dict:
@@ -142,7 +142,12 @@ def run(config, workdir) -> dict:
   print(f"explicit re-fit route agrees: max |difference| = {gap:.2e}")
   print("greedy oracle alpha*(t), t = 2..%d: %s" % (steps, ", ".join(f"{a:.4f}" for a in greedy)))
   if config.plots:
-    _plots(workdir, alphas, steps, config.gamma, config.lam)
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    for name, fig in toy_figures(alphas, steps, gamma=config.gamma, lam=config.lam).items():
+      fig.savefig(workdir / f"{name}.png", dpi=110)
+      plt.close(fig)
   results = {"closed_form": {str(k): v for k, v in closed.items()},
              "refit": {str(k): v for k, v in refit.items()}, "max_route_gap": gap,
              "greedy_alpha_star": greedy, "steps": steps}
