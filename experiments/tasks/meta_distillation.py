@@ -1,0 +1,241 @@
+r"""Anchored multi-generation distillation on digits: KL(p0 ‖ q_t) and accuracy per generation.
+
+Recursion (arXiv:2601.13100 [paper]; operator families Design choice (kdjax) [proposed], see
+theory/recursive_meta_distillation.md §5): q_t = D_Q(M_α(p0, q_{t−1})), where p0 is the base
+teacher, M_α = ``kdjax.operators.meta_teacher`` (on log-probabilities) and D_Q is *training* a
+fresh capacity-limited student on a finite set of inputs by forward KL to the target — the
+practical counterpart of the M-projection of the theory. With the capacity limit and finite data
+the realizability assumption (R) fails, so the theory predicts (Theorem 4 / F9) convergence to a
+floor, not to p0, and the α = 0 chain (no anchor, plain born-again copying) has no contraction at
+all: its error can only accumulate.
+
+Per generation and α the task measures, on the **test** inputs: KL(p0 ‖ q_t) (mean over inputs),
+test accuracy and top-1 agreement with the teacher; on the training inputs: KL(p0 ‖ q_t) and the
+fit error KL(M_α ‖ q_t). Outputs in ``workdir``: ``results.json``, ``metrics.jsonl``,
+``meta_distillation.png`` (KL and accuracy vs generation per α, with the (1 − α)^t KL(p0‖q0)
+bound of Theorem 2 dashed) and the printed tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from experiments import checkpoint as ckpt_lib
+from experiments import data, metrics, models, train
+from experiments import mesh as mesh_lib
+from experiments.tasks import digits_kd
+from kdjax import divergences
+from kdjax.operators import meta_teacher
+
+__all__ = ["run", "train_generation", "chain_metrics", "plot_generations", "format_tables"]
+
+
+@jax.jit
+def _log_probs(logits):
+  return divergences.log_softmax(jnp.asarray(logits, jnp.float32))
+
+
+@jax.jit
+def _mean_kl(log_p, log_q):
+  return jnp.mean(divergences.kl_from_log(log_p, log_q))
+
+
+def chain_metrics(log_p0_test, log_q_test, y_test) -> dict[str, float]:
+  """Test-set KL(p0 ‖ q), accuracy and agreement with the teacher argmax."""
+  pred = np.argmax(log_q_test, -1)
+  return {"kl_test": float(_mean_kl(log_p0_test, log_q_test)),
+          "test_acc": float(np.mean(pred == y_test)),
+          "agreement": float(np.mean(pred == np.argmax(log_p0_test, -1)))}
+
+
+class _StudentTrainer:
+  """Trains students of one architecture; one jitted step per loss, shared by all generations."""
+
+  def __init__(self, config, *, input_shape, num_classes, mesh, writer):
+    self.config, self.mesh, self.writer = config, mesh, writer
+    self.input_shape, self.num_classes = input_shape, num_classes
+    self.tx = train.make_optimizer(config.optimizer, config.generation_steps)
+    self._steps: dict[str, Any] = {}
+
+  def __call__(self, name: str, loss_name: str, loss_fn, seed: int,
+               arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Trains a fresh student (init ``seed``, batches ``BatchSampler(seed)``); train logits."""
+    c = self.config
+    model = models.build_model(c.student, input_shape=self.input_shape,
+                               num_classes=self.num_classes, seed=seed)
+    graphdef, state = train.create_train_state(model, self.tx)
+    shardings = mesh_lib.state_shardings(state, self.mesh, fsdp=bool(c.fsdp))
+    state = mesh_lib.place(state, shardings)
+    if loss_name not in self._steps:  # same architecture and optimizer: compile once per loss
+      self._steps[loss_name] = (graphdef, train.make_train_step(
+          graphdef, self.tx, loss_fn, state_sharding=shardings))
+    graphdef, step_fn = self._steps[loss_name]
+    sampler = data.BatchSampler(len(arrays["y"]), c.batch_size, seed)
+    if sampler.batch_size % self.mesh.size:
+      raise ValueError(f"`batch_size` {sampler.batch_size} must be a multiple of the "
+                       f"{self.mesh.size} devices.")
+    state = train.train_loop(
+        state, step_fn, sampler=sampler,
+        get_batch=lambda idx: {k: v[idx] for k, v in arrays.items()},
+        num_steps=c.generation_steps, mesh=self.mesh, log_every=c.log_every,
+        writer=self.writer, phase=name, progress=c.progress)
+    self.graphdef, self.params = graphdef, state.params
+    return state.params
+
+  def logits(self, params, x):
+    return train.predict_logits(self.graphdef, params, x, mesh=self.mesh)
+
+
+def train_generation(trainer, *, name, seed, x, y, log_target, kd_loss):
+  """One generation: fit a fresh student to ``log_target`` (log-probs on ``x``) by forward KL."""
+  arrays = {"x": x, "y": y, "teacher_logits": np.asarray(log_target, np.float32)}
+  return trainer(name, "kd", kd_loss, seed, arrays)
+
+
+def format_tables(results: dict) -> str:
+  """Two α × generation tables (test KL(p0‖q_t) and test accuracy) as text."""
+  gens = results["generations"]
+  out = []
+  for key, title in (("kl_test", "test KL(p0 || q_t)"), ("test_acc", "test accuracy")):
+    rows = []
+    for chain in results["chains"]:
+      row = {"alpha": f"{chain['alpha']:g}"}
+      for t, m in enumerate(chain["per_generation"]):
+        row[f"t={t}"] = float(m[key])
+      rows.append(row)
+    out.append(f"{title}:\n" + metrics.format_table(
+        rows, ["alpha"] + [f"t={t}" for t in range(gens + 1)]))
+  return "\n\n".join(out)
+
+
+def plot_generations(results: dict, path) -> pathlib.Path:
+  """KL(p0‖q_t) (log scale, with the (1−α)^t bound dashed) and test accuracy vs generation."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, (ax_kl, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+  for i, chain in enumerate(results["chains"]):
+    a = chain["alpha"]
+    kl = [m["kl_test"] for m in chain["per_generation"]]
+    acc = [m["test_acc"] for m in chain["per_generation"]]
+    t = np.arange(len(kl))
+    ax_kl.plot(t, kl, marker="o", color=f"C{i}", label=f"α={a:g}")
+    if 0 < a < 1:
+      ax_kl.plot(t, kl[0] * (1 - a) ** t, ls="--", color=f"C{i}", alpha=0.6)
+    ax_acc.plot(t, acc, marker="o", color=f"C{i}", label=f"α={a:g}")
+  ax_kl.axhline(results["teacher_floor_kl"], color="k", ls=":", label="floor (α=1 mean)")
+  ax_kl.set_yscale("log")
+  ax_kl.set_title("test KL(p0 ‖ q_t)  (dashed: (1−α)^t KL(p0‖q0))")
+  ax_acc.axhline(results["teacher_test_acc"], color="k", ls=":", label="teacher")
+  ax_acc.set_title("test accuracy")
+  for ax in (ax_kl, ax_acc):
+    ax.set_xlabel("generation t")
+    ax.grid(alpha=0.3)
+  ax_kl.legend(fontsize=8)
+  fig.suptitle(f"anchored recursion M_α ({results['kind']}), q0 = {results['q0']}, "
+               f"{results['student_train_size']} training inputs")
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def run(config, workdir) -> dict[str, Any]:
+  """Teacher, q0, then ``generations`` students per α; writes table, plot and results.json."""
+  if config.q0 not in ("labels", "teacher"):
+    raise ValueError(f"`q0` must be 'labels' or 'teacher', got {config.q0!r}.")
+  alphas = [float(a) for a in config.alphas]
+  if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+    raise ValueError(f"`alphas` must be a non-empty list of values in [0, 1], got {alphas}.")
+  if int(config.generations) < 1:
+    raise ValueError(f"`generations` must be >= 1, got {config.generations}.")
+  workdir = ckpt_lib.ensure_writable_dir(workdir)
+  mesh = mesh_lib.make_mesh(config.num_devices or None)
+  ds = data.load_supervised(config.dataset, data_dir=config.data_dir or None)
+  writer = metrics.MetricWriter(workdir)
+  logging.info("meta_distillation: mesh %s, workdir %s", dict(mesh.shape), workdir)
+
+  teacher_root = pathlib.Path(config.teacher_workdir or workdir)
+  g_t, p_t = digits_kd.train_phase(
+      "teacher", model_cfg=config.teacher, opt_cfg=config.optimizer, loss_fn=train.ce_loss,
+      num_steps=config.teacher_steps, seed=config.seed,
+      train_arrays={"x": ds.train.x, "y": ds.train.y}, input_shape=ds.input_shape,
+      num_classes=ds.num_classes, batch_size=config.batch_size, mesh=mesh,
+      ckpt_dir=teacher_root / "checkpoints" / "teacher", writer=writer, config=config,
+      restore_only=bool(config.teacher_workdir))
+  sub = digits_kd.student_subset(ds.train.y, config.student_train_size, config.seed)
+  x_tr, y_tr = ds.train.x[sub], ds.train.y[sub]
+  lp0_tr = np.asarray(_log_probs(train.predict_logits(g_t, p_t, x_tr, mesh=mesh)))
+  lp0_te = np.asarray(_log_probs(train.predict_logits(g_t, p_t, ds.test.x, mesh=mesh)))
+  teacher_acc = float(np.mean(np.argmax(lp0_te, -1) == ds.test.y))
+
+  trainer = _StudentTrainer(config, input_shape=ds.input_shape, num_classes=ds.num_classes,
+                            mesh=mesh, writer=writer)
+  kd_loss = train.make_distill_loss("forward_kl", temperature=1.0, ce_weight=0.0)
+  if config.q0 == "labels":
+    p_q0 = trainer("q0_labels", "ce", train.ce_loss, config.seed + 1, {"x": x_tr, "y": y_tr})
+    lq0_tr = np.asarray(_log_probs(trainer.logits(p_q0, x_tr)))
+    lq0_te = np.asarray(_log_probs(trainer.logits(p_q0, ds.test.x)))
+  else:
+    lq0_tr, lq0_te = lp0_tr, lp0_te
+
+  beta = float(config.beta) if config.kind == "power" else None
+  chains = []
+  for a in alphas:
+    lq_tr = lq0_tr
+    per_gen = [dict(chain_metrics(lp0_te, lq0_te, ds.test.y),
+                    kl_train=float(_mean_kl(lp0_tr, lq0_tr)), fit_kl=0.0)]
+    for t in range(1, int(config.generations) + 1):
+      # Target M_α(p0, q_{t−1}) on the student's training inputs, in log space.
+      log_m = np.asarray(meta_teacher(jnp.asarray(lp0_tr), jnp.asarray(lq_tr), alpha=a,
+                                      kind=config.kind, beta=beta))
+      # Same init seed and batch order for every α at generation t (common random numbers).
+      params = train_generation(trainer, name=f"alpha={a:g}/gen{t}", seed=config.seed + 1 + t,
+                                x=x_tr, y=y_tr, log_target=log_m, kd_loss=kd_loss)
+      lq_tr = np.asarray(_log_probs(trainer.logits(params, x_tr)))
+      lq_te = np.asarray(_log_probs(trainer.logits(params, ds.test.x)))
+      m = dict(chain_metrics(lp0_te, lq_te, ds.test.y), kl_train=float(_mean_kl(lp0_tr, lq_tr)),
+               fit_kl=float(_mean_kl(log_m, lq_tr)))
+      per_gen.append(m)
+      writer.write(f"chain alpha={a:g}", t, m)
+    kl = np.array([m["kl_test"] for m in per_gen])
+    chains.append({"alpha": a, "per_generation": per_gen,
+                   # Measured per-generation factor over the first generations, vs the bound 1−α.
+                   "rate_first3": float((kl[min(3, len(kl) - 1)] / kl[0]) **
+                                        (1.0 / min(3, len(kl) - 1))),
+                   "bound_rate": 1.0 - a,
+                   "drift": float(kl[-1] - kl[1])})
+  floor = [m["kl_test"] for c in chains if c["alpha"] == 1.0 for m in c["per_generation"][1:]]
+  results = {
+      "seed": config.seed, "dataset": config.dataset, "kind": config.kind, "q0": config.q0,
+      "generations": int(config.generations), "student_train_size": int(len(sub)),
+      "student_params": models.count_params(models.build_model(
+          config.student, input_shape=ds.input_shape, num_classes=ds.num_classes)),
+      "teacher_test_acc": teacher_acc,
+      "teacher_floor_kl": float(np.mean(floor)) if floor else float("nan"),
+      "chains": chains}
+  writer.close()
+  if jax.process_index() == 0:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    plot_generations(results, workdir / "meta_distillation.png")
+    summary = metrics.format_table(
+        [{"alpha": f"{c['alpha']:g}", "KL_0": c["per_generation"][0]["kl_test"],
+          "KL_G": c["per_generation"][-1]["kl_test"], "rate(t<=3)": c["rate_first3"],
+          "bound 1-a": c["bound_rate"], "KL_G - KL_1": c["drift"]} for c in chains],
+        ["alpha", "KL_0", "KL_G", "rate(t<=3)", "bound 1-a", "KL_G - KL_1"])
+    print(f"\nmeta_distillation ({config.dataset}, kind={config.kind}, q0={config.q0}, "
+          f"student {results['student_params']} params on {len(sub)} inputs, teacher test acc "
+          f"{teacher_acc:.4f}, floor KL {results['teacher_floor_kl']:.4f}):\n"
+          f"{format_tables(results)}\n\n{summary}\nworkdir: {workdir}", flush=True)
+  if not all(math.isfinite(m["kl_test"]) for c in chains for m in c["per_generation"]):
+    raise FloatingPointError("meta_distillation: non-finite KL(p0 || q_t); see results.json.")
+  return results
