@@ -7,8 +7,13 @@ COMMAND:
 
 Teacher (MLP 256-256, all 1347 training images) -> labels-only baseline of the student's size ->
 distilled student (same size, same init, same examples, same batches, plus the teacher's soft
-targets at temperature T). The student pair sees `student_train_size` labelled training examples
-(the low-data regime where soft targets carry the most information, Hinton et al. §3).
+targets at temperature T). The student pair sees `student_train_size` = 100 labelled training
+examples (10 per class; the teacher labels them with soft targets), the low-data regime where soft
+targets carry the most information (Hinton et al. §3 trains on 3% of the data).
+
+Measured (3 seeds, 2-core CPU): baseline 91.56 / 90.00 / 90.67 %, KD student 94.22 / 94.67 /
+94.44 % test accuracy (gain +2.67 / +4.67 / +3.78 points); ~45 s wall per run on a loaded
+machine (~15 s CPU).
 
 Argument string (comma separated): ``smoke`` (a seconds-long run for tests), ``seed=<int>``,
 ``loss=<divergence name>``, ``temperature=<float>``.
@@ -40,7 +45,7 @@ def get_config(arg=None):
   c.dataset = "digits"
   c.data_dir = ""                  # "" -> $KDJAX_DATA_DIR or ~/.cache/kdjax/tfds
   c.teacher_workdir = ""           # restore the teacher from this workdir instead of training it
-  c.student_train_size = 200       # labelled examples of the baseline/student (0: all 1347)
+  c.student_train_size = 100       # labelled examples of the baseline/student (0: all 1347)
   c.batch_size = 64
   c.num_devices = 0                # 0: all devices; batch is sharded over them
   c.fsdp = False                   # shard parameters over the devices too
