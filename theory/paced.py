@@ -71,7 +71,7 @@ def _normalize_mean_one():
   k = 8
   c = rng.binomial(k, rng.uniform(size=(200, 64)))
   p = jnp.asarray(c / k, jnp.float32)
-  w = jax.vmap(P.paced_weights)(p)
+  w = jax.jit(jax.vmap(P.paced_weights))(p)
   assert w.dtype == jnp.float32
   means = np.asarray(w, np.float64).mean(axis=1)
   # Batches whose weights are all zero are the all-zero case (next check), not mean one.
@@ -442,12 +442,13 @@ def _plumbing_inputs(seed=60, b=24, t=6, v=11):
 def _plumbing_equal_rates():
   zs, zt, mask, _ = _plumbing_inputs()
   tok = D.forward_kl(zs, zt)
+  paced_fn = jax.jit(lambda t, p, m: P.paced_loss(t, p, where=m, eps=1e-12))
+  # Unweighted: mean over examples of the masked token mean within each response.
+  ex = jnp.sum(jnp.where(mask, tok, 0), 1) / jnp.sum(mask, 1)
+  plain = R.masked_mean(ex)
   worst = 0.0
   for pv in (0.125, 0.5, 0.875):
-    paced = P.paced_loss(tok, jnp.full((tok.shape[0],), pv, jnp.float32), where=mask, eps=1e-12)
-    # Unweighted: mean over examples of the masked token mean within each response.
-    ex = jnp.sum(jnp.where(mask, tok, 0), 1) / jnp.sum(mask, 1)
-    plain = R.masked_mean(ex)
+    paced = paced_fn(tok, jnp.full((tok.shape[0],), pv, jnp.float32), mask)
     assert paced.dtype == jnp.float32
     worst = max(worst, abs(float(paced) / float(plain) - 1))
   return Result(measured=worst, tolerance=1e-6)
@@ -466,8 +467,9 @@ def _plumbing_padding():
   def loss(z, t):
     return P.paced_loss(D.forward_kl(z, t, where=mask), p, where=mask)
 
-  v1, g1 = jax.value_and_grad(loss)(zs, zt)
-  v2, g2 = jax.value_and_grad(loss)(zs2, zt2)
+  vg = jax.jit(jax.value_and_grad(loss))
+  v1, g1 = vg(zs, zt)
+  v2, g2 = vg(zs2, zt2)
   gdiff = float(jnp.max(jnp.abs(jnp.where(mask[..., None], g1 - g2, g2))))
   return Result(measured=max(abs(float(v1) - float(v2)), gdiff if np.isfinite(gdiff) else np.inf),
                 tolerance=0.0)
@@ -478,8 +480,8 @@ def _plumbing_padding():
                     "loss (float32, rtol 1e-6), uneven micro-batches", doc=f"{_DOC}#loss-plumbing")
 def _plumbing_microbatch():
   zs, zt, mask, p = _plumbing_inputs()
-  tok = D.forward_kl(zs, zt, where=mask)
-  full = P.paced_loss(tok, p, where=mask)
+  tok = jax.jit(lambda a, b, m: D.forward_kl(a, b, where=m))(zs, zt, mask)
+  full = jax.jit(lambda t, q, m: P.paced_loss(t, q, where=m))(tok, p, mask)
   w = P.paced_weights(p)  # normalised over the full batch, then split
   acc = R.zeros()
   for lo, hi in [(0, 5), (5, 6), (6, 17), (17, 24)]:

@@ -58,4 +58,6 @@ def get_config(arg=None):
   c.refresh_every = 2 if smoke else 50      # p_hat refresh; also at the two-stage switch
   c.lr = 1e-3
   c.snr_problems = 64 if smoke else 512
+  # A teacher pickled by an earlier run (default: <workdir>/teacher.pkl, written after training).
+  c.teacher_cache = ""
   return c

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import pickle
 import time
 import warnings
 
@@ -252,6 +253,8 @@ def run_seed(seed, cfg, teacher, t_spec, s_spec, log=print):
   p_hat = None
   p_hat0 = None
   step = 0
+  bar = tqdm(total=cfg.steps, desc=f"distill seed {seed} ({len(ARMS)} arms)", leave=False,
+             mininterval=5)
   while step < cfg.steps:
     if bool(P.refresh_due(step, every=cfg.refresh_every, switch_step=switch)):
       rk = jax.random.split(jax.random.fold_in(key, 10_000 + step), na)
@@ -264,9 +267,11 @@ def run_seed(seed, cfg, teacher, t_spec, s_spec, log=print):
     idx = jnp.asarray(rng.integers(0, cfg.pool, size=(n, cfg.batch)))
     params, opt, keys = train_chunk(params, opt, keys, step, p_hat, arm_ids, pool, student0, idx)
     step += n
+    bar.update(n)
     for i, a in enumerate(ARMS):
       pi = jax.tree.map(lambda x: x[i], params)  # pylint: disable=cell-var-from-loop
       curves[a].append((step, float(greedy_accuracy(pi, s_spec, test).mean())))
+  bar.close()
   res = {"pre_acc": float(pre_acc), "pre_copy": float(pre_copy), "ref_acc": ref_ok,
          "p_hat0": p_hat0.tolist(), "curves": curves, "arms": {}}
   nd = test["ndig"]
@@ -357,7 +362,15 @@ def run(config, workdir):
   start = time.time()
   t_spec = dec.Spec(vocab=VOCAB, max_len=HINTED + 2, **dict(config.teacher))
   s_spec = dec.Spec(vocab=VOCAB, max_len=HINTED + 2, **dict(config.student))
-  teacher = train_teacher(config, t_spec)
+  cache = pathlib.Path(config.get("teacher_cache", "") or workdir / "teacher.pkl")
+  if cache.exists():                       # reuse a teacher trained by an earlier run
+    with cache.open("rb") as f:
+      teacher = jax.tree.map(jnp.asarray, pickle.load(f))
+    print(f"teacher loaded from {cache}")
+  else:
+    teacher = train_teacher(config, t_spec)
+    with cache.open("wb") as f:
+      pickle.dump(jax.device_get(teacher), f)
   results = [run_seed(config.seed + s, config, teacher, t_spec, s_spec)
              for s in range(config.num_seeds)]
   rows = summarize(results)
