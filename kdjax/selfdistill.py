@@ -53,7 +53,7 @@ Array = jax.Array
 __all__ = [
     "a_coefficients", "b_coefficients", "b_recursion", "b_limit", "c_coefficients",
     "sparsification_ratios", "optimal_alpha", "mixed_targets", "ridge", "explicit_refit",
-    "softmax_mse_self_distill", "SelfDistillPredictor", "self_distill_predictor",
+    "softmax_mse_self_distill", "SelfDistillPredictor", "self_distill_predictor", "toy_data",
 ]
 
 
@@ -418,6 +418,29 @@ def explicit_refit(k_train_train, y_train, *, lam, alpha, steps: int,
     prev = jnp.matmul(k, w, precision=hp)
     out.append(prev if kt is None else jnp.matmul(kt, w, precision=hp))
   return jnp.stack(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The authors' toy example.
+
+TOY_TARGETS = (0.38476636465198066, 1.2333967683416893, 1.33232242218057, 0.69201594888895180,
+               -0.29756145531871736, -0.24189291901377769, -0.7964485769175675,
+               -0.9616480167034174, -0.49672509509916934, -0.3469066003991437,
+               0.5589512650600734)
+TOY_GAMMA, TOY_LAM, TOY_ALPHAS, TOY_STEPS = 80.0, 0.2, (0.0, 0.25, 0.35), 6
+
+
+def toy_data() -> dict[str, np.ndarray]:
+  r"""The toy example of the authors' repository (same data as Mobahi et al. 2020) [paper].
+
+  11 inputs :math:`x = 0, 0.1, \dots, 1`, noisy targets of :math:`\sin(2\pi x)`, the 101-point
+  evaluation grid and the noise-free function on it (NumPy float64). Use with
+  ``kernels.rbf(..., gamma=TOY_GAMMA)`` and ``lam=TOY_LAM``.
+  """
+  x = np.linspace(0.0, 1.0, 11)
+  grid = np.linspace(0.0, 1.0, 101)
+  return {"x": x, "y": np.asarray(TOY_TARGETS, np.float64), "grid": grid,
+          "f_star": np.sin(2 * np.pi * grid)}
 
 
 # --------------------------------------------------------------------------------------------
