@@ -17,8 +17,8 @@ logits:
 * ``implementation="streaming"``: ``lax.scan`` over vocabulary tiles of ``tile_size`` columns
   with an online log-sum-exp, keeping a few float32 scalars per token (anchors §4.4):
   forward KL and reverse KL need one pass (running max, sum of exponentials and the
-  ``Σ e^{t−m}(t−s)`` accumulator per side); generalized JSD and skew KL a second pass that forms
-  the mixture ``M`` tile by tile once both log-normalisers are known. The backward pass
+  ``Σ e^{t−m}(t−s)`` accumulator per side); generalized JSD and skew KL a second pass that
+  forms the mixture ``M`` tile by tile once both log-normalisers are known. The backward pass
   recomputes the logits tile by tile from the stored scalars and writes ``dW_S`` one tile of
   rows at a time. Memory: ``O(N·tile)`` plus the head-weight gradient.
 
@@ -48,10 +48,11 @@ Semantics shared by every implementation:
   is not counted in the normaliser of the :class:`~kdjax.reductions.SumAndCount`.
 * The teacher is a constant (``stop_gradient``): no gradient flows to ``x_T``, ``W_T`` or
   ``teacher_logits``.
-* Matmuls read the inputs in their own dtype (bfloat16 stays bfloat16) and accumulate in float32
-  (float64 if an input is float64); all softmax math is in that compute dtype; the logit gradient is rounded to the head weight's dtype before
-  the two backward matmuls (as fused GPU kernels do) while ``dW_S`` is accumulated in float32.
-  Design choice (kdjax) [proposed].
+* Matmuls read the inputs in their own dtype (bfloat16 stays bfloat16) and accumulate in
+  float32 (float64 if an input is float64); all softmax math is in that compute dtype; the
+  logit gradient is rounded to the head weight's dtype before the two backward matmuls (as
+  fused GPU kernels do) while ``dW_S`` is accumulated in float32. Design choice (kdjax)
+  [proposed].
 * Generalized JSD at a concrete β = 0 is forward KL and at β = 1 reverse KL, the endpoint
   convention of :func:`kdjax.divergences.generalized_jsd` [proposed, following TRL and Liger].
 * Token counts that are not a multiple of ``chunk_size`` and vocabularies that are not a
