@@ -459,7 +459,7 @@ def fused_linear_distillation_per_token(
     divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
     skew: float = 0.1, kd_weight: float = 1.0, labels: Array | None = None,
     ce_weight: float = 1.0, ignore_index: int = -100, where: Array | None = None,
-    implementation: str = "chunked", chunk_size: int = 1024, tile_size: int = 4096) -> Array:
+    implementation: str = "chunked", chunk_size: int = 512, tile_size: int = 4096) -> Array:
   r"""Per-token fused-head distillation loss, never materialising ``[N, V]`` (except "reference").
 
   .. math:: \ell_n = w_{kd}\,D\big(\mathrm{softmax}(z_{T,n}/T), \mathrm{softmax}(z_{S,n}/T)\big)
@@ -596,7 +596,7 @@ def fused_linear_distillation(
     divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
     skew: float = 0.1, kd_weight: float = 1.0, labels: Array | None = None,
     ce_weight: float = 1.0, ignore_index: int = -100, where: Array | None = None,
-    implementation: str = "chunked", chunk_size: int = 1024,
+    implementation: str = "chunked", chunk_size: int = 512,
     tile_size: int = 4096) -> reductions.SumAndCount:
   """(sum, count) of :func:`fused_linear_distillation_per_token` over the kept tokens.
 
