@@ -44,8 +44,12 @@ def get_config(arg=None):
       {"d_model": 64, "num_heads": 4, "num_layers": 2, "mlp_dim": 256})
   c.student = ml_collections.ConfigDict(
       {"d_model": 32, "num_heads": 4, "num_layers": 2, "mlp_dim": 64})
+  if smoke:  # tiny and identical specs: teacher and student share their compiled functions
+    c.teacher = ml_collections.ConfigDict(
+        {"d_model": 16, "num_heads": 2, "num_layers": 1, "mlp_dim": 32})
+    c.student = ml_collections.ConfigDict(dict(c.teacher))
   c.batch = 32 if smoke else 128
-  c.teacher_steps = int(args.get("teacher_steps", 20 if smoke else 2000))
+  c.teacher_steps = int(args.get("teacher_steps", 10 if smoke else 2000))
   c.teacher_lr = 3e-3
   c.student_pretrain_steps = 10 if smoke else 400
   # Student pre-training sees mostly 1-2 digit additions: partial competence on 3-4 digits.
@@ -58,6 +62,6 @@ def get_config(arg=None):
   c.refresh_every = 2 if smoke else 50      # p_hat refresh; also at the two-stage switch
   c.lr = 1e-3
   c.snr_problems = 64 if smoke else 512
-  # A teacher pickled by an earlier run (default: <workdir>/teacher.pkl, written after training).
+  # A teacher pickled by an earlier run (default: <workdir>/teacher_<spec>_<steps>_<seed>.pkl).
   c.teacher_cache = ""
   return c

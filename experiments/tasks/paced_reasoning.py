@@ -101,24 +101,36 @@ def correct(out, answer):
 # ----------------------------------------------------------------------------- supervised training
 
 
+_CE_CACHE = {}
+
+
+def _ce_step(spec, steps, lr):
+  """Jitted CE step for (spec, steps, lr), cached so teacher and student can share a compile."""
+  key = (spec, steps, lr)
+  if key not in _CE_CACHE:
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps),
+                     weight_decay=1e-4)
+
+    @jax.jit
+    def step_fn(params, state, seq, ans, hseq, hans):
+      def loss(p):
+        l1 = optax.softmax_cross_entropy_with_integer_labels(answer_logits(p, seq, spec), ans)
+        l2 = optax.softmax_cross_entropy_with_integer_labels(
+            answer_logits(p, hseq, spec, offset=1 + ANS), hans)
+        return (l1.sum() + l2.sum()) / (l1.size + l2.size)
+      g = jax.grad(loss)(params)
+      u, state = tx.update(g, state, params)
+      return optax.apply_updates(params, u), state
+
+    _CE_CACHE[key] = (tx, step_fn)
+  return _CE_CACHE[key]
+
+
 def train_ce(params, spec, key, batches_fn, steps, lr, *, desc):
-  """Cross-entropy on the answer tokens of ``batches_fn(step) -> (seq, answer, offset)``."""
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps),
-                   weight_decay=1e-4)
-  state = tx.init(params)
-
-  @jax.jit
-  def step_fn(params, state, seq, ans, hseq, hans):
-    def loss(p):
-      l1 = optax.softmax_cross_entropy_with_integer_labels(answer_logits(p, seq, spec), ans)
-      l2 = optax.softmax_cross_entropy_with_integer_labels(
-          answer_logits(p, hseq, spec, offset=1 + ANS), hans)
-      return (l1.sum() + l2.sum()) / (l1.size + l2.size)
-    g = jax.grad(loss)(params)
-    u, state = tx.update(g, state, params)
-    return optax.apply_updates(params, u), state
-
+  """Cross-entropy on the answer tokens of ``batches_fn(step) -> (seq, ans, hinted seq, ans)``."""
   del key
+  tx, step_fn = _ce_step(spec, steps, lr)
+  state = tx.init(params)
   for s in tqdm(range(steps), desc=desc, leave=False, mininterval=5):
     seq, ans, hseq, hans = batches_fn(s)
     params, state = step_fn(params, state, seq, ans, hseq, hans)
@@ -362,7 +374,8 @@ def run(config, workdir):
   start = time.time()
   t_spec = dec.Spec(vocab=VOCAB, max_len=HINTED + 2, **dict(config.teacher))
   s_spec = dec.Spec(vocab=VOCAB, max_len=HINTED + 2, **dict(config.student))
-  cache = pathlib.Path(config.get("teacher_cache", "") or workdir / "teacher.pkl")
+  tag = "_".join(str(v) for v in t_spec[1:]) + f"_{config.teacher_steps}_{config.seed}"
+  cache = pathlib.Path(config.get("teacher_cache", "") or workdir / f"teacher_{tag}.pkl")
   if cache.exists():                       # reuse a teacher trained by an earlier run
     with cache.open("rb") as f:
       teacher = jax.tree.map(jnp.asarray, pickle.load(f))
