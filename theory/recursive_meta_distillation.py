@@ -8,6 +8,7 @@ these coordinatewise operators, and it exercises the -inf paths), clipped to >= 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -360,6 +361,7 @@ def _realizable():
                 tolerance=1e-8)
 
 
+@functools.lru_cache(maxsize=1)
 def _capacity_runs():
   comps, p0 = _mixture_instance()
   lc = _log(comps)
@@ -408,16 +410,36 @@ def _cap_descent():
 _P0 = np.array([.4, .25, .15, .12, .08])
 
 
+@jax.jit
+def _meta_ar_jit(lp0, lq, alpha):
+  # One compilation shared by every chain run (alpha traced, fixed [chains, 5] shape).
+  return jnp.exp(_meta(lp0, lq, alpha, "arithmetic"))
+
+
+def _multinomial(rng, n, probs):
+  """Exact Mult(n, probs) draws for a batch of rows, as conditional binomials (vectorised)."""
+  counts = np.zeros(probs.shape, np.int64)
+  left = np.full(probs.shape[0], n, np.int64)
+  rest = np.ones(probs.shape[0])
+  for k in range(probs.shape[1] - 1):
+    pk = np.clip(np.where(rest > 0, probs[:, k] / np.where(rest > 0, rest, 1.0), 0.0), 0.0, 1.0)
+    counts[:, k] = rng.binomial(left, pk)
+    left -= counts[:, k]
+    rest = rest - probs[:, k]
+  counts[:, -1] = left
+  return counts
+
+
 def _chains(alpha, *, chains=20000, n=50, steps=300, q0=None, seed=0, keep=()):
   """n q̂_t | m_t ~ Mult(n, m_t), m_t = M^ar_alpha(p0, q̂_{t-1}) (library operator)."""
   rng = np.random.default_rng(seed)
   q = np.broadcast_to(_P0 if q0 is None else q0, (chains, 5)).copy()
   lp0 = jnp.broadcast_to(_log(_P0), q.shape)
+  a = jnp.asarray(alpha, jnp.float64)
   kept = {}
   for t in range(1, steps + 1):
-    m = np.exp(np.asarray(_meta(lp0, _log(q), alpha, "arithmetic")))
-    m = np.maximum(m, 0)
-    q = rng.multinomial(n, m / m.sum(-1, keepdims=True)) / n
+    m = np.maximum(np.asarray(_meta_ar_jit(lp0, _log(q), a)), 0)
+    q = _multinomial(rng, n, m / m.sum(-1, keepdims=True)) / n
     if t in keep:
       kept[t] = q.copy()
   return q, kept

@@ -9,13 +9,15 @@ A base teacher p0 (MLP 256-256 on all 1347 digits training images), then `genera
 generations for every anchor weight α in `alphas`. Generation t trains a fresh capacity-limited
 student (MLP with one hidden layer of 8 units) on `student_train_size` training inputs with forward
 KL to the target M_α(p0, q_{t−1}) built by ``kdjax.operators.meta_teacher`` from the
-log-probabilities of the teacher and of generation t−1. Generation 0 (q0) is a labels-only
-student (``q0=labels``, default: far from p0, so the approach to p0 is visible) or the teacher
-itself (``q0=teacher``: classic born-again chain). Generation t uses the same initialisation seed
-and batch order for every α, so α is the only difference between the chains.
+log-probabilities of the teacher and of generation t−1. Generation 0 (q0): the uniform
+distribution (``uniform``: far from p0, so the approach to p0 is visible), the teacher itself
+(``teacher``: the classic born-again chain, where α = 0 drifts) or a labels-only student
+(``labels``); the default runs the first two. Every generation re-initialises the student from the
+same seed with the same batch order, so the target is the only thing that changes.
 
 Argument string (comma separated): ``smoke`` (seconds, for tests), ``seed=<int>``,
-``kind=<arithmetic|geometric|power>``, ``q0=<labels|teacher>``, ``generations=<int>``.
+``kind=<arithmetic|geometric|power>``, ``q0=<uniform|teacher|labels>`` (one start; the default runs
+uniform and teacher; ``--config.q0=uniform,teacher,labels`` runs all three), ``generations=<int>``.
 """
 
 import ml_collections
@@ -56,7 +58,9 @@ def get_config(arg=None):
   c.generations = int(args.get("generations", 8))
   c.kind = args.get("kind", "arithmetic")   # kdjax.operators.meta_teacher kind
   c.beta = 0.5                     # power-mean exponent (kind=power only)
-  c.q0 = args.get("q0", "labels")  # generation 0: "labels" (CE student) or "teacher"
+  # generation-0 students, one set of chains each: "uniform" (far from p0: shows the geometric
+  # approach), "teacher" (classic born-again chain: shows drift), "labels" (a CE-trained student)
+  c.q0 = args.get("q0", "uniform,teacher")
 
   c.teacher = ml_collections.ConfigDict({"kind": "mlp", "hidden": [256, 256],
                                          "activation": "relu"})

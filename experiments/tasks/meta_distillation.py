@@ -100,48 +100,66 @@ def train_generation(trainer, *, name, seed, x, y, log_target, kd_loss):
   return trainer(name, "kd", kd_loss, seed, arrays)
 
 
+_STARTS = ("uniform", "teacher", "labels")
+
+
+def _starts(q0: str) -> list[str]:
+  names = [n.strip() for n in str(q0).split(",") if n.strip()]
+  if not names or any(n not in _STARTS for n in names):
+    raise ValueError(f"`q0` must be a comma-separated list of {_STARTS}, got {q0!r}.")
+  return names
+
+
 def format_tables(results: dict) -> str:
-  """Two α × generation tables (test KL(p0‖q_t) and test accuracy) as text."""
+  """Per start q0: α × generation tables of test KL(p0‖q_t) and test accuracy, and a summary."""
   gens = results["generations"]
+  cols = ["alpha"] + [f"t={t}" for t in range(gens + 1)]
   out = []
-  for key, title in (("kl_test", "test KL(p0 || q_t)"), ("test_acc", "test accuracy")):
-    rows = []
-    for chain in results["chains"]:
-      row = {"alpha": f"{chain['alpha']:g}"}
-      for t, m in enumerate(chain["per_generation"]):
-        row[f"t={t}"] = float(m[key])
-      rows.append(row)
-    out.append(f"{title}:\n" + metrics.format_table(
-        rows, ["alpha"] + [f"t={t}" for t in range(gens + 1)]))
+  for q0, start in results["starts"].items():
+    for key, title in (("kl_test", "test KL(p0 || q_t)"), ("test_acc", "test accuracy")):
+      rows = [{"alpha": f"{c['alpha']:g}",
+               **{f"t={t}": float(m[key]) for t, m in enumerate(c["per_generation"])}}
+              for c in start["chains"]]
+      out.append(f"q0={q0}: {title}\n" + metrics.format_table(rows, cols))
+    out.append(f"q0={q0}: summary (floor = mean test KL of the alpha=1 generations: "
+               f"{start['floor_kl']:.4f})\n" + metrics.format_table(
+                   [{"alpha": f"{c['alpha']:g}", "rate(t<=3)": c["rate_first3"],
+                     "bound 1-a": c["bound_rate"], "KL_G - KL_1": c["drift"]}
+                    for c in start["chains"]], ["alpha", "rate(t<=3)", "bound 1-a",
+                                                "KL_G - KL_1"]))
   return "\n\n".join(out)
 
 
 def plot_generations(results: dict, path) -> pathlib.Path:
-  """KL(p0‖q_t) (log scale, with the (1−α)^t bound dashed) and test accuracy vs generation."""
+  """Per start q0 (rows): KL(p0‖q_t) (log scale; dashed (1−α)^t KL(p0‖q0)) and test accuracy."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, (ax_kl, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-  for i, chain in enumerate(results["chains"]):
-    a = chain["alpha"]
-    kl = [m["kl_test"] for m in chain["per_generation"]]
-    acc = [m["test_acc"] for m in chain["per_generation"]]
-    t = np.arange(len(kl))
-    ax_kl.plot(t, kl, marker="o", color=f"C{i}", label=f"α={a:g}")
-    if 0 < a < 1:
-      ax_kl.plot(t, kl[0] * (1 - a) ** t, ls="--", color=f"C{i}", alpha=0.6)
-    ax_acc.plot(t, acc, marker="o", color=f"C{i}", label=f"α={a:g}")
-  ax_kl.axhline(results["teacher_floor_kl"], color="k", ls=":", label="floor (α=1 mean)")
-  ax_kl.set_yscale("log")
-  ax_kl.set_title("test KL(p0 ‖ q_t)  (dashed: (1−α)^t KL(p0‖q0))")
-  ax_acc.axhline(results["teacher_test_acc"], color="k", ls=":", label="teacher")
-  ax_acc.set_title("test accuracy")
-  for ax in (ax_kl, ax_acc):
-    ax.set_xlabel("generation t")
-    ax.grid(alpha=0.3)
-  ax_kl.legend(fontsize=8)
-  fig.suptitle(f"anchored recursion M_α ({results['kind']}), q0 = {results['q0']}, "
-               f"{results['student_train_size']} training inputs")
+  starts = list(results["starts"].values())
+  fig, axes = plt.subplots(len(starts), 2, figsize=(10, 3.6 * len(starts)), squeeze=False)
+  for (ax_kl, ax_acc), start in zip(axes, starts):
+    for i, chain in enumerate(start["chains"]):
+      a = chain["alpha"]
+      kl = np.array([m["kl_test"] for m in chain["per_generation"]])
+      acc = [m["test_acc"] for m in chain["per_generation"]]
+      t = np.arange(len(kl))
+      ax_kl.plot(t, kl, marker="o", color=f"C{i}", label=f"α={a:g}")
+      if 0 < a < 1:
+        ax_kl.plot(t, kl[0] * (1 - a) ** t, ls="--", color=f"C{i}", alpha=0.6)
+      ax_acc.plot(t, acc, marker="o", color=f"C{i}", label=f"α={a:g}")
+    ax_kl.axhline(start["floor_kl"], color="k", ls=":", label="floor (α=1 mean)")
+    ax_kl.set_yscale("log")
+    ax_kl.set_ylim(bottom=max(start["floor_kl"] / 3, 1e-3))
+    ax_kl.set_title(f"q0={start['q0']}: test KL(p0 ‖ q_t); dashed (1−α)^t KL(p0‖q0)",
+                    fontsize=9)
+    ax_acc.axhline(results["teacher_test_acc"], color="k", ls=":", label="teacher")
+    ax_acc.set_title(f"q0={start['q0']}: test accuracy", fontsize=9)
+    for ax in (ax_kl, ax_acc):
+      ax.set_xlabel("generation t")
+      ax.grid(alpha=0.3)
+    ax_kl.legend(fontsize=7)
+  fig.suptitle(f"anchored recursion M_α ({results['kind']}) on {results['student_train_size']}"
+               f" training inputs, student {results['student_params']} params", fontsize=10)
   fig.tight_layout()
   path = pathlib.Path(path)
   fig.savefig(path, dpi=110)
@@ -151,8 +169,7 @@ def plot_generations(results: dict, path) -> pathlib.Path:
 
 def run(config, workdir) -> dict[str, Any]:
   """Teacher, q0, then ``generations`` students per α; writes table, plot and results.json."""
-  if config.q0 not in ("labels", "teacher"):
-    raise ValueError(f"`q0` must be 'labels' or 'teacher', got {config.q0!r}.")
+  _starts(config.q0)
   alphas = [float(a) for a in config.alphas]
   if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
     raise ValueError(f"`alphas` must be a non-empty list of values in [0, 1], got {alphas}.")
@@ -181,61 +198,63 @@ def run(config, workdir) -> dict[str, Any]:
   trainer = _StudentTrainer(config, input_shape=ds.input_shape, num_classes=ds.num_classes,
                             mesh=mesh, writer=writer)
   kd_loss = train.make_distill_loss("forward_kl", temperature=1.0, ce_weight=0.0)
-  if config.q0 == "labels":
-    p_q0 = trainer("q0_labels", "ce", train.ce_loss, config.seed + 1, {"x": x_tr, "y": y_tr})
-    lq0_tr = np.asarray(_log_probs(trainer.logits(p_q0, x_tr)))
-    lq0_te = np.asarray(_log_probs(trainer.logits(p_q0, ds.test.x)))
-  else:
-    lq0_tr, lq0_te = lp0_tr, lp0_te
-
+  student_seed = config.seed + 1
   beta = float(config.beta) if config.kind == "power" else None
-  chains = []
-  for a in alphas:
-    lq_tr = lq0_tr
-    per_gen = [dict(chain_metrics(lp0_te, lq0_te, ds.test.y),
-                    kl_train=float(_mean_kl(lp0_tr, lq0_tr)), fit_kl=0.0)]
-    for t in range(1, int(config.generations) + 1):
-      # Target M_α(p0, q_{t−1}) on the student's training inputs, in log space.
-      log_m = np.asarray(meta_teacher(jnp.asarray(lp0_tr), jnp.asarray(lq_tr), alpha=a,
-                                      kind=config.kind, beta=beta))
-      # Same init seed and batch order for every α at generation t (common random numbers).
-      params = train_generation(trainer, name=f"alpha={a:g}/gen{t}", seed=config.seed + 1 + t,
-                                x=x_tr, y=y_tr, log_target=log_m, kd_loss=kd_loss)
-      lq_tr = np.asarray(_log_probs(trainer.logits(params, x_tr)))
-      lq_te = np.asarray(_log_probs(trainer.logits(params, ds.test.x)))
-      m = dict(chain_metrics(lp0_te, lq_te, ds.test.y), kl_train=float(_mean_kl(lp0_tr, lq_tr)),
-               fit_kl=float(_mean_kl(log_m, lq_tr)))
-      per_gen.append(m)
-      writer.write(f"chain alpha={a:g}", t, m)
-    kl = np.array([m["kl_test"] for m in per_gen])
-    chains.append({"alpha": a, "per_generation": per_gen,
-                   # Measured per-generation factor over the first generations, vs the bound 1−α.
-                   "rate_first3": float((kl[min(3, len(kl) - 1)] / kl[0]) **
-                                        (1.0 / min(3, len(kl) - 1))),
-                   "bound_rate": 1.0 - a,
-                   "drift": float(kl[-1] - kl[1])})
-  floor = [m["kl_test"] for c in chains if c["alpha"] == 1.0 for m in c["per_generation"][1:]]
+  starts = {}
+  for q0 in _starts(config.q0):
+    if q0 == "labels":
+      p_q0 = trainer("q0_labels", "ce", train.ce_loss, student_seed, {"x": x_tr, "y": y_tr})
+      lq0_tr = np.asarray(_log_probs(trainer.logits(p_q0, x_tr)))
+      lq0_te = np.asarray(_log_probs(trainer.logits(p_q0, ds.test.x)))
+    elif q0 == "uniform":  # a member of the student family (zero output layer)
+      lq0_tr = np.full_like(lp0_tr, -np.log(ds.num_classes))
+      lq0_te = np.full_like(lp0_te, -np.log(ds.num_classes))
+    else:
+      lq0_tr, lq0_te = lp0_tr, lp0_te
+    chains = []
+    for a in alphas:
+      lq_tr = lq0_tr
+      per_gen = [dict(chain_metrics(lp0_te, lq0_te, ds.test.y),
+                      kl_train=float(_mean_kl(lp0_tr, lq0_tr)), fit_kl=0.0)]
+      for t in range(1, int(config.generations) + 1):
+        # Target M_α(p0, q_{t−1}) on the student's training inputs, in log space.
+        log_m = np.asarray(meta_teacher(jnp.asarray(lp0_tr), jnp.asarray(lq_tr), alpha=a,
+                                        kind=config.kind, beta=beta))
+        # Every generation (and α) re-initialises the student from the same seed with the same
+        # batch order, so the target is the only thing that changes along and across chains.
+        params = train_generation(trainer, name=f"{q0}/alpha={a:g}/gen{t}", seed=student_seed,
+                                  x=x_tr, y=y_tr, log_target=log_m, kd_loss=kd_loss)
+        lq_tr = np.asarray(_log_probs(trainer.logits(params, x_tr)))
+        lq_te = np.asarray(_log_probs(trainer.logits(params, ds.test.x)))
+        m = dict(chain_metrics(lp0_te, lq_te, ds.test.y),
+                 kl_train=float(_mean_kl(lp0_tr, lq_tr)), fit_kl=float(_mean_kl(log_m, lq_tr)))
+        per_gen.append(m)
+        writer.write(f"{q0} alpha={a:g}", t, m)
+      kl = np.array([m["kl_test"] for m in per_gen])
+      chains.append({"alpha": a, "per_generation": per_gen,
+                     # Measured per-generation factor over the first generations vs 1−α.
+                     "rate_first3": float((kl[min(3, len(kl) - 1)] / kl[0]) **
+                                          (1.0 / min(3, len(kl) - 1))),
+                     "bound_rate": 1.0 - a,
+                     "drift": float(kl[-1] - kl[1])})
+    floor = [m["kl_test"] for c in chains if c["alpha"] == 1.0 for m in c["per_generation"][1:]]
+    starts[q0] = {"q0": q0, "chains": chains,
+                  "floor_kl": float(np.mean(floor)) if floor else float("nan")}
   results = {
-      "seed": config.seed, "dataset": config.dataset, "kind": config.kind, "q0": config.q0,
+      "seed": config.seed, "dataset": config.dataset, "kind": config.kind,
       "generations": int(config.generations), "student_train_size": int(len(sub)),
       "student_params": models.count_params(models.build_model(
           config.student, input_shape=ds.input_shape, num_classes=ds.num_classes)),
-      "teacher_test_acc": teacher_acc,
-      "teacher_floor_kl": float(np.mean(floor)) if floor else float("nan"),
-      "chains": chains}
+      "teacher_test_acc": teacher_acc, "starts": starts}
   writer.close()
   if jax.process_index() == 0:
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     plot_generations(results, workdir / "meta_distillation.png")
-    summary = metrics.format_table(
-        [{"alpha": f"{c['alpha']:g}", "KL_0": c["per_generation"][0]["kl_test"],
-          "KL_G": c["per_generation"][-1]["kl_test"], "rate(t<=3)": c["rate_first3"],
-          "bound 1-a": c["bound_rate"], "KL_G - KL_1": c["drift"]} for c in chains],
-        ["alpha", "KL_0", "KL_G", "rate(t<=3)", "bound 1-a", "KL_G - KL_1"])
-    print(f"\nmeta_distillation ({config.dataset}, kind={config.kind}, q0={config.q0}, "
-          f"student {results['student_params']} params on {len(sub)} inputs, teacher test acc "
-          f"{teacher_acc:.4f}, floor KL {results['teacher_floor_kl']:.4f}):\n"
-          f"{format_tables(results)}\n\n{summary}\nworkdir: {workdir}", flush=True)
-  if not all(math.isfinite(m["kl_test"]) for c in chains for m in c["per_generation"]):
+    print(f"\nmeta_distillation ({config.dataset}, kind={config.kind}, student "
+          f"{results['student_params']} params on {len(sub)} inputs, teacher test acc "
+          f"{teacher_acc:.4f}):\n{format_tables(results)}\nworkdir: {workdir}", flush=True)
+  bad = [m for st in starts.values() for c in st["chains"] for m in c["per_generation"]
+         if not math.isfinite(m["kl_test"])]
+  if bad:
     raise FloatingPointError("meta_distillation: non-finite KL(p0 || q_t); see results.json.")
   return results
