@@ -233,8 +233,9 @@ def run(config, workdir) -> dict[str, Any]:
       kl = np.array([m["kl_test"] for m in per_gen])
       chains.append({"alpha": a, "per_generation": per_gen,
                      # Measured per-generation factor over the first generations vs 1−α.
+                     # (None for the teacher start, where KL(p0 || q0) = 0).
                      "rate_first3": float((kl[min(3, len(kl) - 1)] / kl[0]) **
-                                          (1.0 / min(3, len(kl) - 1))),
+                                          (1.0 / min(3, len(kl) - 1))) if kl[0] > 1e-9 else None,
                      "bound_rate": 1.0 - a,
                      "drift": float(kl[-1] - kl[1])})
     floor = [m["kl_test"] for c in chains if c["alpha"] == 1.0 for m in c["per_generation"][1:]]
