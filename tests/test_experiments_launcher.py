@@ -1,13 +1,16 @@
-"""The absl launcher end to end: digits_kd smoke run, SIGKILL + resume equality, bad input.
+"""The absl launcher end to end: digits_kd smoke run, SIGKILL + resume equality, 2-process
+(multi-host) run, bad input.
 
-Subprocesses get their own environment (one CPU device, no fake-device flags, a shared prepared
-data dir) and timeouts.
+Subprocesses get their own environment (one CPU device unless stated, no fake-device flags from
+conftest, a shared prepared data dir) and timeouts. The smoke run is the reference that the resumed
+run and the 2-process run are compared with.
 """
 
 import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,15 +148,16 @@ def test_unknown_key_and_unwritable_workdir_fail_fast(data_dir, tmp_path):
 
 
 def test_nan_loss_run_stops_with_step(data_dir, tmp_path):
-  proc = subprocess.run(
-      _cmd(tmp_path, "smoke", "--config.optimizer.learning_rate=1e30",
-           "--config.optimizer.name=sgd", "--config.optimizer.schedule=constant"),
-      cwd=REPO, env=_env(data_dir), capture_output=True, text=True, timeout=TIMEOUT)
-  assert proc.returncode != 0
-  assert "NonFiniteLossError" in proc.stderr and "[teacher] non-finite loss" in proc.stderr
-  assert "at step" in proc.stderr
-  ckpts = list((tmp_path / "checkpoints" / "teacher").glob("[0-9]*"))
-  assert not ckpts  # the blow-up happens before the first save: nothing was saved
+  """The task itself (in-process, 1 device) stops on a diverging teacher, saving nothing bad."""
+  from experiments import train
+  from experiments.configs import digits_kd
+  from experiments.tasks import digits_kd as task
+  cfg = digits_kd.get_config("smoke")
+  cfg.data_dir, cfg.num_devices, cfg.progress = str(data_dir), 1, False
+  cfg.optimizer.name, cfg.optimizer.learning_rate, cfg.optimizer.schedule = "sgd", 1e30, "constant"
+  with pytest.raises(train.NonFiniteLossError, match=r"\[teacher\] non-finite loss .* at step \d+"):
+    task.run(cfg, str(tmp_path))
+  assert not list((tmp_path / "checkpoints" / "teacher").glob("[0-9]*"))  # nothing saved
 
 
 def test_teacher_restored_from_its_own_workdir_on_eight_devices(smoke_run, data_dir, tmp_path):
@@ -175,3 +179,52 @@ def test_teacher_restored_from_its_own_workdir_on_eight_devices(smoke_run, data_
   cfg.teacher_workdir = str(tmp_path / "empty")
   with pytest.raises(ValueError, match="teacher_workdir"):
     task.run(cfg, str(tmp_path / "w2"))
+
+
+def test_two_process_run_agrees_with_single_process(smoke_run, data_dir, tmp_path):
+  """Multi-host path: 2 processes on loopback (gloo, 2 fake CPU devices each) == 1 process.
+
+  Each process runs the real launcher with ``--config.distributed=True``; together they form one
+  4-device JAX runtime, each process feeds its half of every batch, process 0 writes the outputs.
+  The final metrics must agree with the single-process, single-device smoke run (same seed).
+  """
+  single, _ = smoke_run
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  multi = tmp_path / "multi"
+  # NPROC >= 2 x devices avoids the 2-core all-reduce deadlock (ENVIRONMENT.md).
+  env = _env(data_dir, XLA_FLAGS="--xla_force_host_platform_device_count=2", NPROC="4")
+  procs = [subprocess.Popen(
+      _cmd(multi, "smoke", "--config.distributed=True", f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={i}"),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=TIMEOUT))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i}:\n{err[-3000:]}"
+    assert f"process {i} of 2; 2 local / 4 global devices" in err
+  assert "digits_kd results" in outs[0][0] and "digits_kd results" not in outs[1][0]
+  a = json.loads((single / "results.json").read_text())
+  b = json.loads((multi / "results.json").read_text())
+  for ra, rb in zip(a["rows"], b["rows"]):
+    assert ra["model"] == rb["model"] and ra["params"] == rb["params"]
+    # Same predictions on all 450 test images (a flip would move accuracy by 1/450) ...
+    assert ra["test_acc"] == rb["test_acc"] and ra["agreement"] == rb["agreement"]
+    # ... and the same losses up to float32 reduction order (4 devices vs 1).
+    assert rb["kl_T1"] == pytest.approx(ra["kl_T1"], rel=1e-4, abs=1e-7)
+    assert rb["test_ce"] == pytest.approx(ra["test_ce"], rel=1e-4)
+  curve = lambda d: [(r["phase"], r["step"], r["train/loss"])
+                     for r in metrics.read_metrics(d / "metrics.jsonl") if "train/loss" in r]
+  ca, cb = curve(single), curve(multi)
+  assert [c[:2] for c in ca] == [c[:2] for c in cb] and len(ca) > 10
+  for (_, _, la), (_, _, lb) in zip(ca, cb):
+    assert lb == pytest.approx(la, rel=1e-4)

@@ -66,7 +66,7 @@ def get_config(arg=None):
       "ce_weight": 0.1, "scale_by_t2": True})
 
   c.log_every = 100
-  c.eval_every = 500
+  c.eval_every = 100
   c.checkpoint_every = 500
   c.progress = True
 

@@ -139,13 +139,11 @@ def run(config, workdir) -> dict[str, Any]:
       ckpt_dir=workdir / "checkpoints" / "student", **common)
 
   rows = []
-  for name, g, p, cfg in (("teacher", g_t, p_t, config.teacher),
-                          ("baseline (labels only)", g_b, p_b, config.student),
-                          (f"student (KD {config.loss.name}, T={config.loss.temperature:g})",
-                           g_s, p_s, config.student)):
+  for name, g, p in (("teacher", g_t, p_t), ("baseline (labels only)", g_b, p_b),
+                     (f"student (KD {config.loss.name}, T={config.loss.temperature:g})",
+                      g_s, p_s)):
     ev = train.evaluate(train.make_eval_fn(g), p, test_t, mesh=mesh)
-    rows.append({"model": name, "params": models.count_params(
-        models.build_model(cfg, input_shape=ds.input_shape, num_classes=ds.num_classes)),
+    rows.append({"model": name, "params": int(sum(x.size for x in jax.tree.leaves(p))),
                  "test_acc": ev["accuracy"], "agreement": ev["agreement"], "kl_T1": ev["kl"],
                  "test_ce": ev["ce"]})
   results = {"seed": config.seed, "student_train_size": int(len(sub)), "rows": rows,
