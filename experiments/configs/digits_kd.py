@@ -16,7 +16,8 @@ Measured (3 seeds, 2-core CPU): baseline 91.56 / 90.00 / 90.67 %, KD student 94.
 machine (~15 s CPU).
 
 Argument string (comma separated): ``smoke`` (a seconds-long run for tests), ``seed=<int>``,
-``loss=<divergence name>``, ``temperature=<float>``.
+``loss=<name>`` (forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, generalized_jsd,
+total_variation), ``temperature=<float>``, ``skew=<float>`` (skew losses), ``beta=<float>`` (JSD).
 """
 
 import ml_collections
@@ -30,10 +31,10 @@ def _parse(arg):
       continue
     key, _, value = item.partition("=")
     out[key] = value if value else True
-  unknown = set(out) - {"smoke", "seed", "loss", "temperature"}
+  unknown = set(out) - {"smoke", "seed", "loss", "temperature", "skew", "beta"}
   if unknown:
     raise ValueError(f"digits_kd config: unknown argument(s) {sorted(unknown)}; "
-                     "expected smoke, seed=, loss=, temperature=")
+                     "expected smoke, seed=, loss=, temperature=, skew=, beta=")
   return out
 
 
@@ -64,6 +65,11 @@ def get_config(arg=None):
   c.loss = ml_collections.ConfigDict({
       "name": args.get("loss", "forward_kl"), "temperature": float(args.get("temperature", 4.0)),
       "ce_weight": 0.1, "scale_by_t2": True})
+  # Extra hyper-parameters of the divergence are keys of `loss` (passed through by name).
+  if c.loss.name.startswith("skew_"):
+    c.loss.skew = float(args.get("skew", 0.1))
+  if c.loss.name == "generalized_jsd":
+    c.loss.beta = float(args.get("beta", 0.5))
 
   c.log_every = 100
   c.eval_every = 100
