@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx, struct
 
 from kdjax import divergences, reductions
@@ -376,6 +377,10 @@ def train_loop(state: TrainState, step_fn, *, sampler, get_batch: Callable[[np.n
     if writer is not None:
       writer.write(phase, step, {f"train/{k}": v for k, v in mean.items()})
     bar.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}", refresh=False)
+    if bar.disable and jax.process_index() == 0:  # no bar: rate + ETA in the log instead
+      rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
+      logging.info("[%s] step %d/%d  loss %.4f  acc %.3f  %.0f steps/s  ETA %.0fs", phase, step,
+                   num_steps, mean["loss"], mean["accuracy"], rate, (num_steps - step) / rate)
 
   flush.t = t0
   for step, idx in sampler.iterate(start, num_steps):
