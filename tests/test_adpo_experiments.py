@@ -20,7 +20,7 @@ def test_bandit_smoke_run(tmp_path, capsys):
   cfg = bandit_cfg.get_config("smoke")
   metrics = adpo_bandits.run(cfg, str(tmp_path))
   out = capsys.readouterr().out
-  assert "heavy_tailed_cauchy/high" in out and "Model-scale sweep" in out
+  assert "heavy_tailed_cauchy/high" in out and "best method counts" in out
   assert len(metrics["table"]) == 12
   for row in metrics["table"]:
     for m in adpo_bandits.METHODS:

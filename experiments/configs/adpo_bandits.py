@@ -62,7 +62,7 @@ def get_config(arg=None):
     c.inner_steps = 1
     c.eval_every = 20
     c.test_contexts = 256
-    c.scale_hidden = [32]
+    c.scale_hidden = []         # the sweep recompiles per width: default run only
     c.progress = False
   if args.get("noscale"):
     c.scale_hidden = []
