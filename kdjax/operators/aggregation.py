@@ -15,6 +15,7 @@ allowed, and no NaN is produced (an all −inf row stays −inf; its gradient is
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -110,7 +111,8 @@ def _power_unnormalized(lp: Array, w: Array, beta: Any) -> Array:
   return jnp.where(b == 0, _geometric_unnormalized(lp, w), power)
 
 
-def _unnormalized(log_probs, weights, kind, power, teacher_axis, axis):
+def _prepare(log_probs, weights, kind, power, teacher_axis, axis):
+  """Validates (on concrete values, outside jit) and moves axes to [M, *batch, K]."""
   lp = C.as_log_probs("log_probs", log_probs, min_rank=2)
   t_ax = _checks.normalize_axis(teacher_axis, lp.ndim, "teacher_axis")
   c_ax = _checks.normalize_axis(axis, lp.ndim, "axis")
@@ -125,14 +127,26 @@ def _unnormalized(log_probs, weights, kind, power, teacher_axis, axis):
       kind = "arithmetic"
     elif b == 0.0:
       kind = "geometric"
+  beta = jnp.asarray(power if kind == "power" else 0.0, moved.dtype)
+  out_axis = c_ax - (1 if t_ax < c_ax else 0)
+  return moved, w, beta, kind, out_axis
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "output"))
+def _pool(moved, w, beta, *, kind, output):
+  # One compiled computation per (shapes, kind, output) instead of one per primitive in eager
+  # mode: most of the cost of small eager calls is compiling their primitives.
   if kind == "arithmetic":
     un = _arithmetic_unnormalized(moved, w)
   elif kind == "geometric":
     un = _geometric_unnormalized(moved, w)
   else:
-    un = _power_unnormalized(moved, w, power)
-  out_axis = c_ax - (1 if t_ax < c_ax else 0)
-  return un, out_axis
+    un = _power_unnormalized(moved, w, beta)
+  if output == "log_z":
+    return C.logsumexp(un, axis=-1)
+  if output == "normalized" and kind != "arithmetic":
+    return C.log_normalize(un, axis=-1)
+  return un  # the arithmetic pool is already normalised when the inputs are
 
 
 def aggregate(log_probs: Array, *, weights: Any = None, kind: str = "arithmetic",
@@ -164,11 +178,8 @@ def aggregate(log_probs: Array, *, weights: Any = None, kind: str = "arithmetic"
     Log-probabilities of shape ``log_probs.shape`` without ``teacher_axis``, float32 (float64
     if the input is float64). Computed in float32 for bf16/f16 input.
   """
-  un, out_axis = _unnormalized(log_probs, weights, kind, power, teacher_axis, axis)
-  if kind == "arithmetic" or (kind == "power" and _checks.concrete_scalar(power) == 1.0):
-    out = un  # already normalised when the inputs are
-  else:
-    out = C.log_normalize(un, axis=-1)
+  moved, w, beta, kind, out_axis = _prepare(log_probs, weights, kind, power, teacher_axis, axis)
+  out = _pool(moved, w, beta, kind=kind, output="normalized")
   return jnp.moveaxis(out, -1, out_axis)
 
 
@@ -181,5 +192,5 @@ def log_normalizer(log_probs: Array, *, weights: Any = None, kind: str = "geomet
   with weights (α, 1−α), log Z = −(1−α) D_α(p‖q) (Rényi divergence of order α).
   Arguments as in :func:`aggregate`; returns shape ``[*batch]``.
   """
-  un, _ = _unnormalized(log_probs, weights, kind, power, teacher_axis, axis)
-  return C.logsumexp(un, axis=-1)
+  moved, w, beta, kind, _ = _prepare(log_probs, weights, kind, power, teacher_axis, axis)
+  return _pool(moved, w, beta, kind=kind, output="log_z")

@@ -223,13 +223,24 @@ def project_softmax_linear(log_m: Array, features: Array, *, iters: int = 30,
     lq = jax.nn.log_softmax(_sl_logits(wflat.reshape(d, k - 1), phi), axis=-1)
     return -jnp.mean(jnp.sum(jnp.where(m > 0, m * lq, 0.0), axis=-1))
 
-  grad = jax.grad(objective)
-  hess = jax.hessian(objective)
+  # Closed-form derivatives of the softmax-regression cross-entropy (what jax.grad/jax.hessian
+  # would give, at a fraction of the compile time): with s_n = Σ_k m_nk and q' = q[:, :K−1],
+  # g = φᵀ(s q' − m')/N and H = Σ_n s_n φ_n φ_nᵀ ⊗ (diag q'_n − q'_n q'_nᵀ) / N.
+  s_row = jnp.sum(m, axis=-1)
+  n_rows = lm.shape[0]
+
+  def grad_hess(wflat):
+    q = jax.nn.softmax(_sl_logits(wflat.reshape(d, k - 1), phi), axis=-1)[:, :k - 1]
+    g = phi.T @ (s_row[:, None] * q - m[:, :k - 1]) / n_rows
+    cov = (jax.vmap(jnp.diag)(q) - q[:, :, None] * q[:, None, :]) * s_row[:, None, None]
+    h = jnp.einsum("na,nb,njl->ajbl", phi, phi, cov) / n_rows
+    return g.reshape(-1), h.reshape(d * (k - 1), d * (k - 1))
+
   w = jnp.zeros(d * (k - 1), lm.dtype) if w0 is None else jnp.asarray(w0, lm.dtype).reshape(-1)
   eye = jnp.eye(d * (k - 1), dtype=lm.dtype)
 
   def newton(_, w):
-    g, h = grad(w), hess(w)
+    g, h = grad_hess(w)
     direction = jnp.linalg.solve(h + 1e-12 * jnp.trace(h) * eye, g)
     f0 = objective(w)
 
