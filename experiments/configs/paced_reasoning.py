@@ -11,12 +11,13 @@ AKL / two-stage FKL->RKL and self-distillation (reverse KL) uniform / PACED; for
 family. See experiments/tasks/paced_reasoning.py.
 
 Argument string (comma separated): ``smoke``, ``seeds=<int>``, ``steps=<int>``, ``seed=<int>``,
-``teacher_steps=<int>``.
+``teacher_steps=<int>``, ``pretrain_steps=<int>`` (student pre-training: more steps, more
+competence), ``pool=<int>`` (training and held-out problems).
 """
 
 import ml_collections
 
-_KEYS = {"smoke", "seeds", "steps", "seed", "teacher_steps"}
+_KEYS = {"smoke", "seeds", "steps", "seed", "teacher_steps", "pretrain_steps", "pool"}
 
 
 def _parse(arg):
@@ -51,12 +52,12 @@ def get_config(arg=None):
   c.batch = 32 if smoke else 128
   c.teacher_steps = int(args.get("teacher_steps", 10 if smoke else 2000))
   c.teacher_lr = 3e-3
-  c.student_pretrain_steps = 10 if smoke else 400
+  c.student_pretrain_steps = int(args.get("pretrain_steps", 10 if smoke else 400))
   # Student pre-training sees mostly 1-2 digit additions: partial competence on 3-4 digits.
   c.student_ndig_probs = (0.4, 0.4, 0.1, 0.1)
   c.pretrain_lr = 3e-3
-  c.pool = 64 if smoke else 1024            # training problems (p_hat is estimated on all)
-  c.test = 64 if smoke else 1024            # held-out addition / copy problems
+  c.pool = int(args.get("pool", 64 if smoke else 1024))   # training problems (p_hat on all)
+  c.test = c.pool            # held-out addition / copy problems
   c.k = 8
   c.steps = int(args.get("steps", 4 if smoke else 400))
   c.refresh_every = 2 if smoke else 50      # p_hat refresh; also at the two-stage switch
