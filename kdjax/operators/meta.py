@@ -78,7 +78,17 @@ def meta_teacher(log_p0: Array, log_q: Array, *, alpha: Any, kind: str = "arithm
     raise ValueError(f"`temperature` is only used by the softened kinds, got kind={kind!r}.")
   dtype = _checks.compute_dtype(lp0, lq)
   lp0, lq = lp0.astype(dtype), lq.astype(dtype)
-  a = jnp.asarray(alpha, dtype)
+  if kind in ("softened_anchor", "softened_mixture"):
+    _checks.check_positive("temperature", temperature)
+  b = _checks.concrete_scalar(beta) if beta is not None else None
+  if beta is not None and b is None:  # traced β: no static dispatch to the exact β ∈ {0, 1}
+    return _meta_eager(lp0, lq, alpha, temperature, kind=kind, beta=beta, ax=ax)
+  t = jnp.asarray(1.0 if temperature is None else temperature, dtype)
+  return _meta_jit(lp0, lq, jnp.asarray(alpha, dtype), t, kind=kind, beta=b, ax=ax)
+
+
+def _meta_eager(lp0, lq, alpha, temperature, *, kind, beta, ax):
+  a = jnp.asarray(alpha, lp0.dtype)
   batch_shape = lp0.shape[:ax] + lp0.shape[ax + 1:]
   if a.ndim:  # per-example anchor weights
     a = jnp.broadcast_to(a, batch_shape)
@@ -92,6 +102,11 @@ def meta_teacher(log_p0: Array, log_q: Array, *, alpha: Any, kind: str = "arithm
     return soften(mixed, temperature=temperature, axis=ax)
   return aggregate(stacked, weights=weights, kind=kind,
                    power=beta if kind == "power" else None, axis=ax + 1)
+
+
+# Compiled once per (shapes, kind, β, axis): eager calls otherwise compile every primitive.
+# α and the temperature are traced (validated above on concrete values).
+_meta_jit = jax.jit(_meta_eager, static_argnames=("kind", "beta", "ax"))
 
 
 def make_operator(kind: str = "arithmetic", *, beta: Any = None, temperature: Any = None,
