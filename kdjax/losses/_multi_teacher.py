@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import _checks
 from kdjax.divergences import _plogratio, log_softmax
@@ -81,7 +82,8 @@ def teacher_weights(teacher_logits: Array, *, mode: str = "uniform", labels: Arr
     if w.shape != (m,):
       raise ValueError(f"`static_weights` must have shape ({m},), got {w.shape}.")
     if not isinstance(static_weights, jax.core.Tracer):
-      if bool(jnp.any(w < 0)) or abs(float(jnp.sum(w)) - 1.0) > 1e-5:
+      wn = np.asarray(static_weights, np.float64)
+      if np.any(wn < 0) or abs(float(wn.sum()) - 1.0) > 1e-5:
         raise ValueError("`static_weights` must be non-negative and sum to 1.")
     return jnp.broadcast_to(w.reshape((m,) + (1,) * len(batch)), (m,) + batch)
   tau = jnp.asarray(weight_temperature, lp.dtype)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import _checks
 from kdjax.divergences import log_softmax
@@ -51,8 +52,9 @@ def _check_ids(name, ids, batch_shape, vocab):
   if i.shape[:-1] != tuple(batch_shape):
     raise ValueError(f"`{name}` must have shape [*batch, n] with batch {tuple(batch_shape)} "
                      f"(the student logits without the vocabulary axis), got {i.shape}.")
-  if not isinstance(ids, jax.core.Tracer):
-    lo, hi = int(jnp.min(i)) if i.size else 0, int(jnp.max(i)) if i.size else 0
+  if not isinstance(ids, jax.core.Tracer) and i.size:
+    arr = np.asarray(ids)  # NumPy: also concrete inside an outer jit trace
+    lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= vocab:
       raise ValueError(f"`{name}` must lie in [0, {vocab}), got range [{lo}, {hi}].")
   return i
