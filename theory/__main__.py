@@ -13,7 +13,12 @@ def main(argv=None) -> int:
   parser.add_argument("--only", default=None,
                       help="run only checks whose name contains this text (e.g. 'meta')")
   parser.add_argument("--list", action="store_true", help="list the checks without running")
+  parser.add_argument("--index", action="store_true",
+                      help="print the Markdown index of the checks (theory/README.md) and exit")
   args = parser.parse_args(argv)
+  if args.index:
+    print(registry.markdown_index(args.only), end="")
+    return 0
 
   selected = registry.checks(args.only)
   if not selected:

@@ -100,3 +100,23 @@ def run_check(check: Check) -> tuple[Result, float]:
   if not isinstance(result, Result):
     raise TypeError(f"check {check.name} returned {type(result).__name__}, expected Result")
   return result, time.perf_counter() - start
+
+
+def markdown_index(pattern: str | None = None) -> str:
+  """The index of checks as Markdown tables, one per topic (the part of the name before '.')."""
+  by_topic: dict[str, list[Check]] = {}
+  for c in checks(pattern):
+    by_topic.setdefault(c.name.split(".", 1)[0], []).append(c)
+  out = []
+  for topic, cs in by_topic.items():
+    docs = sorted({c.doc.split("#", 1)[0] for c in cs if c.doc})
+    links = ", ".join(f"[{d}]({d})" for d in docs)
+    out.append(f"### `{topic}` — {len(cs)} checks — {links}\n")
+    out.append("| check | source | statement |")
+    out.append("|---|---|---|")
+    for c in cs:
+      name = f"[`{c.name}`]({c.doc})" if c.doc else f"`{c.name}`"
+      statement = c.statement.replace("|", "\\|")
+      out.append(f"| {name} | {c.source.replace('|', '/')} | {statement} |")
+    out.append("")
+  return "\n".join(out) + "\n"
