@@ -114,17 +114,17 @@ def test_temperature(x64):
 def test_gradient_weights_detached(x64):
   zs, zt = _pair(6, (3, 7))
   w_head, w_tail = (np.asarray(w)[:, None] for w in L.adaptive_kl_weights(zs, zt))
-  g = jax.grad(lambda s: L.adaptive_kl(s, zt).sum())(jnp.asarray(zs))
-  g_f = jax.grad(lambda s: D.forward_kl(s, zt).sum())(jnp.asarray(zs))
-  g_r = jax.grad(lambda s: D.reverse_kl(s, zt).sum())(jnp.asarray(zs))
+  g, g_f, g_r = jax.jit(lambda s: [jax.grad(lambda x, f=f: f(x, zt).sum())(s) for f in (
+      L.adaptive_kl, D.forward_kl, D.reverse_kl)])(jnp.asarray(zs))
   np.testing.assert_allclose(g, w_head * g_f + w_tail * g_r, atol=1e-12)
   # Finite differences of the frozen-weight objective (the weights are detached by design, so
   # the full function's finite differences would include their variation).
   frozen = lambda s: (w_head[:, 0] * D.forward_kl(s, zt) + w_tail[:, 0] * D.reverse_kl(s, zt))
   check_grads(jax.jit(frozen), (jnp.asarray(zs),), order=1, modes=["rev"])
-  g_t = jax.grad(lambda t: L.adaptive_kl(zs, t).sum())(jnp.asarray(zt))
-  g_t_frozen = jax.grad(lambda t: (w_head[:, 0] * D.forward_kl(zs, t)
-                                   + w_tail[:, 0] * D.reverse_kl(zs, t)).sum())(jnp.asarray(zt))
+  g_t = jax.jit(jax.grad(lambda t: L.adaptive_kl(zs, t).sum()))(jnp.asarray(zt))
+  g_t_frozen = jax.jit(jax.grad(lambda t: (w_head[:, 0] * D.forward_kl(zs, t)
+                                           + w_tail[:, 0] * D.reverse_kl(zs, t)).sum()))(
+                                               jnp.asarray(zt))
   np.testing.assert_allclose(g_t, g_t_frozen, atol=1e-12)
 
 
