@@ -22,3 +22,12 @@ from kdjax.losses._sparse import topk_teacher
 from kdjax.losses._sparse import truncated_topk_kl
 from kdjax.losses._multi_teacher import multi_teacher_kd
 from kdjax.losses._multi_teacher import teacher_weights
+from kdjax.losses import fused_linear
+from kdjax.losses.fused_linear import DIVERGENCES as FUSED_DIVERGENCES
+from kdjax.losses.fused_linear import IMPLEMENTATIONS as FUSED_IMPLEMENTATIONS
+from kdjax.losses.fused_linear import fused_linear_distillation
+from kdjax.losses.fused_linear import fused_linear_distillation_per_token
+from kdjax.losses.fused_linear import fused_linear_forward_kl
+from kdjax.losses.fused_linear import fused_linear_generalized_jsd
+from kdjax.losses.fused_linear import fused_linear_reverse_kl
+from kdjax.losses.fused_linear import fused_linear_skew_forward_kl
