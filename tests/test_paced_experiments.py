@@ -30,8 +30,9 @@ def test_kv_cache_matches_full_forward():
   out = jax.jit(lambda p, k, pr: dec.sample(p, k, pr, 5, spec, greedy=True))(
       params, jax.random.PRNGKey(2), toks[:, :4])
   seq = toks[:, :4]
+  fwd = jax.jit(lambda p, s: dec.apply(p, s, spec))
   for _ in range(5):
-    seq = jnp.concatenate([seq, jnp.argmax(dec.apply(params, seq, spec)[:, -1], -1)[:, None]], 1)
+    seq = jnp.concatenate([seq, jnp.argmax(fwd(params, seq)[:, -1], -1)[:, None]], 1)
   np.testing.assert_array_equal(out, seq[:, 4:])
   with pytest.raises(ValueError, match="max_len"):
     dec.sample(params, jax.random.PRNGKey(0), toks, 5, spec)
