@@ -13,23 +13,13 @@ medium. Argument string (comma separated): ``smoke``, ``seeds=<int>``, ``steps=<
 
 import ml_collections
 
+from experiments.config_args import parse_arg
 
-def _parse(arg):
-  out = {}
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if item:
-      key, _, value = item.partition("=")
-      out[key] = value if value else True
-  unknown = set(out) - {"smoke", "seeds", "steps", "seed", "noscale"}
-  if unknown:
-    raise ValueError(f"adpo_bandits config: unknown argument(s) {sorted(unknown)}; "
-                     "expected smoke, seeds=, steps=, seed=, noscale")
-  return out
 
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = parse_arg(arg, config="adpo_bandits",
+                   allowed={"smoke", "seeds", "steps", "seed", "noscale"})
   c = ml_collections.ConfigDict()
   c.task = "adpo_bandits"
   c.seed = int(args.get("seed", 0))

@@ -14,23 +14,13 @@ Argument string: ``smoke``, ``seeds=<int>``, ``steps=<int>``, ``seed=<int>``, ``
 
 import ml_collections
 
+from experiments.config_args import parse_arg
 
-def _parse(arg):
-  out = {}
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if item:
-      key, _, value = item.partition("=")
-      out[key] = value if value else True
-  unknown = set(out) - {"smoke", "seeds", "steps", "seed", "temperature"}
-  if unknown:
-    raise ValueError(f"adpo_offline config: unknown argument(s) {sorted(unknown)}; "
-                     "expected smoke, seeds=, steps=, seed=, temperature=")
-  return out
 
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = parse_arg(arg, config="adpo_offline",
+                   allowed={"smoke", "seeds", "steps", "seed", "temperature"})
   c = ml_collections.ConfigDict()
   c.task = "adpo_offline"
   c.seed = int(args.get("seed", 0))

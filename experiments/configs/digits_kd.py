@@ -22,24 +22,13 @@ total_variation), ``temperature=<float>``, ``skew=<float>`` (skew losses), ``bet
 
 import ml_collections
 
+from experiments.config_args import parse_arg
 
-def _parse(arg):
-  out = {}
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if not item:
-      continue
-    key, _, value = item.partition("=")
-    out[key] = value if value else True
-  unknown = set(out) - {"smoke", "seed", "loss", "temperature", "skew", "beta"}
-  if unknown:
-    raise ValueError(f"digits_kd config: unknown argument(s) {sorted(unknown)}; "
-                     "expected smoke, seed=, loss=, temperature=, skew=, beta=")
-  return out
 
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = parse_arg(arg, config="digits_kd",
+                   allowed={"smoke", "seed", "loss", "temperature", "skew", "beta"})
   c = ml_collections.ConfigDict()
   c.task = "digits_kd"
   c.seed = int(args.get("seed", 0))

@@ -17,17 +17,11 @@ Argument string: ``smoke`` (one small setting, few steps), ``seed=<int>``.
 
 import ml_collections
 
+from experiments.config_args import parse_arg
+
 
 def get_config(arg=None):
-  args = {}
-  for item in (arg or "").split(","):
-    if item.strip():
-      k, _, v = item.strip().partition("=")
-      args[k] = v or True
-  unknown = set(args) - {"smoke", "seed"}
-  if unknown:
-    raise ValueError(f"kernel_sweep config: unknown argument(s) {sorted(unknown)}; "
-                     "expected smoke, seed=")
+  args = parse_arg(arg, config="kernel_sweep", allowed={"smoke", "seed"})
   c = ml_collections.ConfigDict()
   c.task = "kernel_sweep"
   c.seed = int(args.get("seed", 0))

@@ -14,12 +14,11 @@ Argument string: ``smoke`` (no plots; the computation is already seconds long).
 
 import ml_collections
 
+from experiments.config_args import parse_arg
+
 
 def get_config(arg=None):
-  args = {a.strip() for a in (arg or "").split(",") if a.strip()}
-  unknown = args - {"smoke"}
-  if unknown:
-    raise ValueError(f"kernel_toy config: unknown argument(s) {sorted(unknown)}; expected smoke")
+  args = parse_arg(arg, config="kernel_toy", allowed={"smoke"})
   c = ml_collections.ConfigDict()
   c.task = "kernel_toy"
   c.gamma = 80.0

@@ -18,24 +18,12 @@ Argument string (comma separated): ``smoke`` (seconds-long run for tests), ``see
 
 import ml_collections
 
+from experiments.config_args import parse_arg
 
-def _parse(arg):
-  out = {}
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if not item:
-      continue
-    key, _, value = item.partition("=")
-    out[key] = value if value else True
-  unknown = set(out) - {"smoke", "seeds", "losses"}
-  if unknown:
-    raise ValueError(f"loss_zoo config: unknown argument(s) {sorted(unknown)}; "
-                     "expected smoke, seeds=, losses=")
-  return out
 
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = parse_arg(arg, config="loss_zoo", allowed={"smoke", "seeds", "losses"})
   c = ml_collections.ConfigDict()
   c.task = "loss_zoo"
   c.seed = 0                        # seeds are seed, seed+1, ..., seed+num_seeds-1

@@ -22,26 +22,14 @@ uniform and teacher; ``--config.q0=uniform,teacher,labels`` runs all three), ``g
 
 import ml_collections
 
+from experiments.config_args import parse_arg
+
 _KEYS = {"smoke", "seed", "kind", "q0", "generations"}
 
 
-def _parse(arg):
-  out = {}
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if not item:
-      continue
-    key, _, value = item.partition("=")
-    out[key] = value if value else True
-  unknown = set(out) - _KEYS
-  if unknown:
-    raise ValueError(f"meta_distillation config: unknown argument(s) {sorted(unknown)}; "
-                     f"expected {sorted(_KEYS)}")
-  return out
-
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = parse_arg(arg, config="meta_distillation", allowed=_KEYS)
   c = ml_collections.ConfigDict()
   c.task = "meta_distillation"
   c.seed = int(args.get("seed", 0))

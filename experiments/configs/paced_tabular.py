@@ -11,25 +11,14 @@ Argument string (comma separated): ``smoke`` (seconds-long, for tests), ``seeds=
 
 import ml_collections
 
+from experiments.config_args import parse_arg
+
 _KEYS = {"smoke", "seeds", "steps", "k", "seed", "noablate"}
 
 
-def _parse(arg):
-  out = {}
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if item:
-      key, _, value = item.partition("=")
-      out[key] = value if value else True
-  unknown = set(out) - _KEYS
-  if unknown:
-    raise ValueError(f"paced_tabular config: unknown argument(s) {sorted(unknown)}; "
-                     f"expected {sorted(_KEYS)}")
-  return out
-
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = parse_arg(arg, config="paced_tabular", allowed=_KEYS)
   smoke = bool(args.get("smoke", False))
   c = ml_collections.ConfigDict()
   c.task = "paced_tabular"

@@ -18,17 +18,11 @@ Argument string: ``smoke``, ``seeds=<int>``, ``dataset=digits|mnist1d``.
 
 import ml_collections
 
+from experiments.config_args import parse_arg
+
 
 def get_config(arg=None):
-  args = {}
-  for item in (arg or "").split(","):
-    if item.strip():
-      k, _, v = item.strip().partition("=")
-      args[k] = v or True
-  unknown = set(args) - {"smoke", "seeds", "dataset"}
-  if unknown:
-    raise ValueError(f"selfdistill_nn config: unknown argument(s) {sorted(unknown)}; "
-                     "expected smoke, seeds=, dataset=")
+  args = parse_arg(arg, config="selfdistill_nn", allowed={"smoke", "seeds", "dataset"})
   c = ml_collections.ConfigDict()
   c.task = "selfdistill_nn"
   c.dataset = args.get("dataset", "digits")
