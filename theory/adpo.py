@@ -418,13 +418,13 @@ def _variant_infonce():
   return Result(measured=worst, tolerance=1e-8)
 
 
-def _pl_nll(u, order):
-  """Plackett-Luce negative log-likelihood of a full ranking, from its definition."""
-  nll = 0.0
-  rest = list(order)
-  for k in order[:-1]:
-    nll -= u[k] - np.log(np.sum(np.exp(u[rest])))
-    rest.remove(k)
+def _pl_top(u, order, k):
+  """Plackett-Luce negative log-likelihood of the first k choices of a ranking, from its
+  definition (k = len(order) - 1 is the full ranking: the last choice has probability 1)."""
+  nll, rest = 0.0, list(order)
+  for kk in order[:k]:
+    nll -= u[kk] - np.log(np.sum(np.exp(u[rest])))
+    rest.remove(kk)
   return nll
 
 
@@ -436,7 +436,7 @@ def _variant_pl():
   worst = 0.0
   for p in _PS:
     u, a = _logits(rng, _B, p), rng.normal(size=(_B, p))
-    oracle = np.array([_pl_nll(u[b], list(np.argsort(-a[b]))) / (p - 1) for b in range(_B)])
+    oracle = np.array([_pl_top(u[b], list(np.argsort(-a[b])), p - 1) / (p - 1) for b in range(_B)])
     c = rng.normal(size=(_B, 1)) * 5
     worst = max(worst, _maxabs(_pl(u, a), oracle), _maxabs(_pl(u + c, a), oracle))
     # top-k truncation = the first k terms of the same sum
@@ -445,14 +445,6 @@ def _variant_pl():
       ok = np.array([_pl_top(u[b], list(np.argsort(-a[b])), k) / k for b in range(_B)])
       worst = max(worst, _maxabs(_pl(u, a, top_k=k), ok))
   return Result(measured=worst, tolerance=1e-8)
-
-
-def _pl_top(u, order, k):
-  nll, rest = 0.0, list(order)
-  for kk in order[:k]:
-    nll -= u[kk] - np.log(np.sum(np.exp(u[rest])))
-    rest.remove(kk)
-  return nll
 
 
 @register("adpo.variant_pairwise", source="[paper] author code 'pairwise'",
