@@ -164,3 +164,45 @@ def test_bad_arguments():
     L.adaptive_kl(zs, zt, temperature=0.0)
   with pytest.raises(ValueError, match="same shape"):
     L.adaptive_kl(zs, zt[:, :2])
+
+
+def test_one_sort_per_call():
+  # P3: the head mask sorted twice (argsort, then argsort of the order to invert it).
+  zs, zt = jnp.zeros((2, 8)), jnp.arange(16.0).reshape(2, 8)
+  jaxpr = str(jax.make_jaxpr(lambda a, b: L.adaptive_kl(a, b))(zs, zt))
+  assert jaxpr.count("sort[") == 1, jaxpr.count("sort[")
+  # the scattered-back mask still matches the reference
+  v, w = _ref_akl(np.asarray(zs), np.asarray(zt))
+  np.testing.assert_allclose(L.adaptive_kl(zs, zt), v, rtol=1e-5)
+
+
+def test_nan_propagates_and_inf_rejected():
+  # N1: a NaN teacher logit was dropped (row renormalised); it must reach the loss.
+  zs, zt = jnp.array([[1., 2., 3.], [1., 2., 3.]]), jnp.array([[jnp.nan, 1., 2.], [3., 1., 2.]])
+  for f in (L.adaptive_kl, jax.jit(L.adaptive_kl)):
+    out = np.asarray(f(zs, zt))
+    assert np.isnan(out[0]) and np.isfinite(out[1])
+  full_nan = jnp.full((1, 3), jnp.nan)
+  assert np.isnan(np.asarray(L.adaptive_kl(zs[:1], full_nan))).all()
+  with pytest.raises(ValueError, match="teacher_logits"):
+    L.adaptive_kl(zs, zt.at[1, 0].set(jnp.inf))
+  # -inf still removes an entry; an all -inf row gives 0 with zero gradient
+  zt2 = jnp.array([[-jnp.inf] * 3, [3., 1., -jnp.inf]])
+  zs2 = jnp.array([[1., 2., 3.], [1., 2., -jnp.inf]])
+  val, g = _vg(lambda s: L.adaptive_kl(s, zt2).sum())(zs2)
+  assert np.isfinite(val) and np.all(np.asarray(g)[0] == 0)
+
+
+def test_per_position_mu_and_temperature():
+  # N3: array hyper-parameters are checked elementwise and applied per row (= vmap).
+  zs, zt = _pair(5, shape=(3, 7), scale=2.0)
+  mu, temp = jnp.array([0.2, 0.5, 0.9]), jnp.array([0.5, 1.0, 3.0])
+  got = jax.jit(lambda a, b, m, t: L.adaptive_kl(a, b, mu=m, temperature=t))(zs, zt, mu, temp)
+  ref = jax.vmap(lambda a, b, m, t: L.adaptive_kl(a, b, mu=m, temperature=t))(zs, zt, mu, temp)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="mu"):
+    L.adaptive_kl(zs, zt, mu=np.array([0.2, 1.5, 0.5]))
+  with pytest.raises(ValueError, match="temperature"):
+    L.adaptive_kl(zs, zt, temperature=np.array([1.0, -1.0, 1.0]))
+  with pytest.raises(TypeError, match="temperature"):
+    L.adaptive_kl(zs, zt, temperature="2")

@@ -367,10 +367,12 @@ def _ls():
                     "and the student gradient is q - p_t", doc=f"{_DOC}#taid")
 def _taid():
   zs, zt = _logits(220, (500, 10)), _logits(221, (500, 10))
-  g = lambda t: np.asarray(jax.grad(lambda s: L.taid_loss(s, zt, t=t).sum())(jnp.asarray(zs)))
-  worst = float(np.max(np.abs(np.asarray(L.taid_loss(zs, zt, t=1.0))
+  g = lambda t: np.asarray(jax.grad(lambda s: L.taid_loss(s, zt, interpolation=t).sum())(
+      jnp.asarray(zs)))
+  worst = float(np.max(np.abs(np.asarray(L.taid_loss(zs, zt, interpolation=1.0))
                               - np.asarray(D.forward_kl(zs, zt)))))
-  worst = max(worst, float(np.max(np.abs(np.asarray(L.taid_loss(zs, zt, t=0.0))))),
+  worst = max(worst,
+              float(np.max(np.abs(np.asarray(L.taid_loss(zs, zt, interpolation=0.0))))),
               float(np.max(np.abs(g(0.0)))))
   for t in (0.3, 1.0):
     want = scipy.special.softmax(zs, -1) - scipy.special.softmax((1 - t) * zs + t * zt, -1)

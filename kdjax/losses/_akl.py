@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import _checks
-from kdjax.divergences import _finish, _plogratio, _prepare
+from kdjax import _logspace
+from kdjax.losses import _common
 
 Array = jax.Array
 
@@ -35,17 +36,21 @@ def _head_mask(log_pt: Array, mu, axis: int) -> Array:
   """Boolean head mask in vocabulary order (teacher top tokens up to cumulative mass mu)."""
   lp = jnp.moveaxis(log_pt, axis, -1)
   p = jnp.exp(lp)
-  order = jnp.argsort(-p, axis=-1, stable=True)
+  order = jnp.argsort(-p, axis=-1, stable=True)  # the one sort
   cum = jnp.cumsum(jnp.take_along_axis(p, order, axis=-1), axis=-1)
-  head_sorted = cum <= mu
+  head_sorted = cum <= jnp.moveaxis(mu, axis, -1)
   head_sorted = head_sorted.at[..., 0].set(True)  # the top-1 token is always in the head
-  # Scatter back: position order[j] gets head_sorted[j].
-  inv = jnp.argsort(order, axis=-1)
-  head = jnp.take_along_axis(head_sorted, inv, axis=-1)
-  return jnp.moveaxis(head, -1, axis)
+  # Scatter back (no second argsort): position order[j] gets head_sorted[j].
+  flat_order = order.reshape(-1, order.shape[-1])
+  rows = jnp.arange(flat_order.shape[0])[:, None]
+  head = jnp.zeros(flat_order.shape, bool).at[rows, flat_order].set(
+      head_sorted.reshape(flat_order.shape))
+  return jnp.moveaxis(head.reshape(p.shape), -1, axis)
 
 
 def _weights(log_ps, log_pt, mu, axis):
+  batch = log_ps.shape[:axis] + log_ps.shape[axis + 1:]
+  mu = jax.lax.stop_gradient(_checks.per_position("mu", mu, batch, axis, log_ps.dtype))
   log_ps = jax.lax.stop_gradient(log_ps)
   log_pt = jax.lax.stop_gradient(log_pt)
   head = _head_mask(log_pt, mu, axis)
@@ -53,7 +58,7 @@ def _weights(log_ps, log_pt, mu, axis):
   g_head = jnp.sum(jnp.where(head, err, 0.0), axis=axis)
   g_tail = jnp.sum(jnp.where(head, 0.0, err), axis=axis)
   total = g_head + g_tail
-  pos = total > 0
+  pos = total != 0  # NaN propagates (a NaN gap is not "both gaps 0")
   w_head = jnp.where(pos, g_head / jnp.where(pos, total, 1.0), 0.5)
   return w_head, 1.0 - w_head
 
@@ -67,7 +72,8 @@ def adaptive_kl_weights(student_logits: Array, teacher_logits: Array, *, mu: flo
   teacher detached). Arguments as in :func:`adaptive_kl`; masked positions get 0.5/0.5.
   """
   _checks.check_unit_interval("mu", mu)
-  log_ps, log_pt, ax, bm = _prepare(student_logits, teacher_logits, temperature, axis, where)
+  log_ps, log_pt, ax, bm, _ = _common.prepare(student_logits, teacher_logits, temperature, axis,
+                                              where)
   w_head, w_tail = _weights(log_ps, log_pt, mu, ax)
   if bm is not None:
     w_head = jnp.where(bm, w_head, 0.5)
@@ -95,8 +101,8 @@ def adaptive_kl(student_logits: Array, teacher_logits: Array, *, mu: float = 0.5
   Args:
     student_logits: ``[..., V]`` student logits.
     teacher_logits: teacher logits, same shape.
-    mu: head mass threshold in [0, 1].
-    temperature: T > 0 applied to both sides (no T² factor).
+    mu: head mass threshold in [0, 1] (scalar or per position, checked elementwise).
+    temperature: T > 0 applied to both sides (no T² factor); scalar or per position.
     axis: the vocabulary axis.
     where: optional vocabulary mask (logits shape) or position mask (batch shape).
 
@@ -104,10 +110,11 @@ def adaptive_kl(student_logits: Array, teacher_logits: Array, *, mu: float = 0.5
     Per-position AKL, the logits shape without ``axis``; masked/empty positions give 0.
   """
   _checks.check_unit_interval("mu", mu)
-  log_ps, log_pt, ax, bm = _prepare(student_logits, teacher_logits, temperature, axis, where)
+  log_ps, log_pt, ax, bm, _ = _common.prepare(student_logits, teacher_logits, temperature, axis,
+                                              where)
   w_head, w_tail = _weights(log_ps, log_pt, mu, ax)
-  fkl = _plogratio(log_pt, log_ps, ax)
-  rkl = _plogratio(log_ps, log_pt, ax)
+  fkl = _logspace.plogratio(log_pt, log_ps, ax)
+  rkl = _logspace.plogratio(log_ps, log_pt, ax)
   # A zero weight must not meet an infinite KL (support violation) as 0 * inf = NaN.
   values = (jnp.where(w_head > 0, w_head * fkl, 0.0) + jnp.where(w_tail > 0, w_tail * rkl, 0.0))
-  return _finish(values, log_ps, log_pt, ax, bm)
+  return _common.finish(values, log_ps, log_pt, ax, bm)
