@@ -1,13 +1,40 @@
 """kdjax: knowledge-distillation theory and experiments in JAX.
 
-Pure, jit- and shard-friendly functions. Submodules are imported on demand
-(``kdjax.divergences``, ``kdjax.reductions``, ...); the core two are re-exported here.
+Pure, jit- and shard-friendly functions. The core two modules are imported with the package and
+their main functions re-exported here (``kdjax.forward_kl``, ``kdjax.masked_sum_and_count``, ...).
+The other submodules are imported on first attribute access, so ``import kdjax`` stays light
+(JAX and NumPy only) and ``kdjax.losses.hinton_kd`` works without a separate import:
+``losses``, ``operators``, ``policy``, ``preference``, ``pacing``, ``selfdistill``, ``kernels``,
+``teacher_cache`` (the last needs the ``cache`` extra).
 """
+
+import importlib as _importlib
 
 from kdjax import divergences
 from kdjax import reductions
 from kdjax.divergences import (forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl,
                                generalized_jsd, total_variation, kl, kl_from_log)
-from kdjax.reductions import SumAndCount, masked_sum_and_count, finalize_mean
+from kdjax.reductions import SumAndCount, masked_sum_and_count, masked_mean, finalize_mean
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "generalized_jsd",
+    "total_variation", "kl", "kl_from_log",
+    "SumAndCount", "masked_sum_and_count", "masked_mean", "finalize_mean",
+]
+
+_SUBMODULES = ("losses", "operators", "policy", "preference", "pacing", "selfdistill",
+               "kernels", "teacher_cache", "divergences", "reductions")
+
+
+def __getattr__(name):
+  if name in _SUBMODULES:
+    module = _importlib.import_module(f"kdjax.{name}")
+    globals()[name] = module
+    return module
+  raise AttributeError(f"module 'kdjax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_SUBMODULES))

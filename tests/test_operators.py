@@ -199,7 +199,7 @@ def test_softmax_linear_projection_is_exact_for_geometric_anchoring(x64):
 
 def ops_kl(lp, lq):
   from kdjax import divergences
-  return divergences.kl_from_log(lp, lq)
+  return divergences.kl_from_log(log_p=lp, log_q=lq)
 
 
 def test_fixed_point_implicit_gradient_matches_closed_form(x64):

@@ -185,10 +185,10 @@ def _multi_teacher():
     zq = _random_logits(seed + 100, n=300)
     lp = jax.nn.log_softmax(jnp.asarray(zp), axis=-1)
     lq = jax.nn.log_softmax(jnp.asarray(zq), axis=-1)
-    lhs = jnp.sum(D.kl_from_log(lp, jnp.broadcast_to(lq, lp.shape)), axis=0)
+    lhs = jnp.sum(D.kl_from_log(log_p=lp, log_q=jnp.broadcast_to(lq, lp.shape)), axis=0)
     pbar = jnp.mean(jnp.exp(lp), axis=0)
     radius = D.entropy_from_log(jnp.log(pbar)) - jnp.mean(D.entropy_from_log(lp), axis=0)
-    rhs = m * D.kl(pbar, jnp.exp(lq)) + m * radius
+    rhs = m * D.kl(p=pbar, q=jnp.exp(lq)) + m * radius
     worst = max(worst, float(jnp.max(jnp.abs(lhs - rhs))))
   return Result(measured=worst, tolerance=1e-10)
 

@@ -50,7 +50,7 @@ def _log(p):
 
 def _kl(lp, lq):
   lp, lq = jnp.broadcast_arrays(jnp.asarray(lp), jnp.asarray(lq))
-  return np.asarray(D.kl_from_log(lp, lq))
+  return np.asarray(D.kl_from_log(log_p=lp, log_q=lq))
 
 
 def _meta(lp0, lq, alpha, kind, beta=None, temperature=None):

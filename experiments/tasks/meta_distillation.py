@@ -45,7 +45,7 @@ def _log_probs(logits):
 
 @jax.jit
 def _mean_kl(log_p, log_q):
-  return jnp.mean(divergences.kl_from_log(log_p, log_q))
+  return jnp.mean(divergences.kl_from_log(log_p=log_p, log_q=log_q))
 
 
 def chain_metrics(log_p0_test, log_q_test, y_test) -> dict[str, float]:

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax import _logspace as LS
 from kdjax import divergences as D
-from kdjax.operators import _common as C
 from kdjax.operators.softening import soften
 
 Array = jax.Array
@@ -67,7 +67,7 @@ def random_simplex(key: Any, n: int, k: int, *, conc_range=(-1.0, 1.0),
 
 
 def _kl(lp, lq):
-  return D.kl_from_log(lp, lq)
+  return D.kl_from_log(log_p=lp, log_q=lq)
 
 
 def _worst(values: Array, instances: dict[str, Array]) -> tuple[float, dict[str, Any]]:
@@ -138,7 +138,7 @@ def _meta_block(op, draws):
   j1 = draws["j1"]
   zq = jnp.where(jax.nn.one_hot(j1, k, dtype=bool), 0.0, q)
   zq = zq / jnp.sum(zq, -1, keepdims=True)
-  mz = jnp.exp(op(lp0, C.safe_log(zq), a))
+  mz = jnp.exp(op(lp0, LS.safe_log(zq), a))
   lost = jnp.any((p0 > 0) & (zq > 0) & (mz <= 0), -1).astype(p0.dtype)
   per_axiom["M3"] = (lost, {"p0": p0, "q": zq, "alpha": a})
   # M4
@@ -256,7 +256,7 @@ def check_aggregation_axioms(operator: Callable[[Array, Array], Array], *, num_t
     j1 = d["j1"]
     zeroed = ps.at[:, 0].set(jnp.where(jax.nn.one_hot(j1, k, dtype=bool), 0.0, ps[:, 0]))
     zeroed = zeroed / jnp.sum(zeroed, -1, keepdims=True)
-    az = jnp.exp(op(C.safe_log(zeroed), w))
+    az = jnp.exp(op(LS.safe_log(zeroed), w))
     lost = jnp.any(jnp.all(zeroed > 0, axis=1) & (az <= 0), -1).astype(ps.dtype)
     res["G2"] = (lost, {"teachers": zeroed, "weights": w})
     idx = d["idx"]
