@@ -14,6 +14,7 @@ from flax import nnx
 
 from experiments import checkpoint, data, mesh as mesh_lib, metrics, models, train
 from kdjax import divergences
+from kdjax import losses as L
 
 
 def _toy(n=64, seed=0):
@@ -54,27 +55,50 @@ def test_distill_loss_formula_and_errors():
   b = _toy(16)
   s = jnp.asarray(np.random.default_rng(1).normal(size=(16, 10)), jnp.float32)
   t_ = 4.0
-  loss = train.make_distill_loss("forward_kl", temperature=t_, ce_weight=0.3)(s, b)
   ps_log = jax.nn.log_softmax(s / t_)
   pt = jax.nn.softmax(b["teacher_logits"] / t_)
   kl = jnp.sum(pt * (jnp.log(pt) - ps_log), -1)
   ce = -jax.nn.log_softmax(s)[jnp.arange(16), b["y"]]
-  np.testing.assert_allclose(loss, 0.3 * ce + 0.7 * t_ ** 2 * kl, rtol=1e-5)
-  rkl = train.make_distill_loss("reverse_kl", temperature=2.0, scale_by_t2=False)(s, b)
+  # The one library convention: ce_weight·CE + kd_weight·(T² if scale_by_t2)·D.
+  loss = train.make_distill_loss("forward_kl", temperature=t_, ce_weight=0.3, kd_weight=2.0)(s, b)
+  np.testing.assert_allclose(loss, 0.3 * ce + 2.0 * kl, rtol=1e-5)
+  # The experiments' old ce_weight=c (c·CE + (1 − c)·T²·D) keeps its numbers.
+  old = train.make_distill_loss("forward_kl", temperature=t_, ce_weight=0.3, kd_weight=0.7,
+                                scale_by_t2=True)(s, b)
+  np.testing.assert_allclose(old, 0.3 * ce + 0.7 * t_ ** 2 * kl, rtol=1e-5)
+  # It IS the library mixture (A2: one implementation), eagerly and under jit.
+  ref = L.ce_kd_mixture(s, b["teacher_logits"], b["y"], kd_weight=0.7, ce_weight=0.3,
+                        scale_by_t2=True, temperature=t_, divergence="forward_kl")
+  fn = train.make_distill_loss("forward_kl", temperature=t_, ce_weight=0.3, kd_weight=0.7,
+                               scale_by_t2=True)
+  np.testing.assert_allclose(fn(s, b), ref, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(fn)(s, b), ref, rtol=1e-6)
+  # Defaults: CE + D, no T².
+  np.testing.assert_allclose(train.make_distill_loss("forward_kl", temperature=t_)(s, b),
+                             ce + kl, rtol=1e-5)
+  rkl = train.make_distill_loss("reverse_kl", temperature=2.0, ce_weight=0.0)(s, b)
   np.testing.assert_allclose(rkl, divergences.reverse_kl(s, b["teacher_logits"],
                                                          temperature=2.0), rtol=1e-6)
   jsd = train.make_distill_loss("generalized_jsd", beta=0.3)(s, b)
   assert jsd.shape == (16,) and np.all(np.asarray(jsd) >= 0)
+  # A masked (padding) row gives 0.
+  masked = train.make_distill_loss("forward_kl")(s, dict(b, mask=np.arange(16) < 10))
+  assert np.all(np.asarray(masked)[10:] == 0) and np.all(np.asarray(masked)[:10] > 0)
   # The teacher gets no gradient through the loss.
   g = jax.grad(lambda t: train.make_distill_loss("forward_kl")(s, dict(b, teacher_logits=t))
                .sum())(b["teacher_logits"])
   assert np.all(np.asarray(g) == 0)
+  # Bad hyper-parameters fail when the loss is built (before any training), naming the argument.
   with pytest.raises(ValueError, match="forward_kl"):
     train.make_distill_loss("kl_forward")
   with pytest.raises(ValueError, match="temperature"):
     train.make_distill_loss("forward_kl", temperature=0.0)
+  with pytest.raises(ValueError, match="kd_weight"):
+    train.make_distill_loss("forward_kl", kd_weight=-0.5)
   with pytest.raises(ValueError, match="ce_weight"):
-    train.make_distill_loss("forward_kl", ce_weight=1.5)
+    train.make_distill_loss("forward_kl", ce_weight=-1.5)
+  with pytest.raises(TypeError, match="scale_by_t2"):
+    train.make_distill_loss("forward_kl", scale_by_t2=1)
 
 
 def test_optimizer_and_schedule_from_config():
@@ -98,7 +122,8 @@ def _setup(fsdp=False, mesh=None, hidden=(64,)):
                              num_classes=10, seed=3)
   tx = train.make_optimizer({"name": "adam", "learning_rate": 1e-2}, 10)
   g, st = train.create_train_state(model, tx)
-  loss = train.make_distill_loss("forward_kl", temperature=2.0, ce_weight=0.5)
+  loss = train.make_distill_loss("forward_kl", temperature=2.0, ce_weight=0.5, kd_weight=0.5,
+                                scale_by_t2=True)
   if mesh is None:
     return g, st, train.make_train_step(g, tx, loss, donate=False)
   sh = mesh_lib.state_shardings(st, mesh, fsdp=fsdp, min_size=256)

@@ -3,7 +3,11 @@ and teacher agreement (mean ± std over seeds) per loss, with the labels-only ba
 
 Reuses :func:`experiments.tasks.digits_kd.train_phase` and ``student_subset`` (no second training
 loop). Each loss is a ``loss(student_logits, batch) -> per-example values`` built from
-:mod:`kdjax.losses` / :mod:`kdjax.policy` by :func:`make_zoo_loss`.
+:mod:`kdjax.losses` / :mod:`kdjax.policy` by :func:`make_zoo_loss`; TAID is an
+:class:`experiments.train.StatefulLoss` that runs its adaptive schedule (``taid_init`` /
+``taid_update``, Shing et al., arXiv:2501.16937 [paper]) on a :class:`kdjax.losses.TaidState`
+carried in the train state, so t is a pure function of the train state and a resumed phase
+continues the schedule exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from experiments import data, metrics, train
 from experiments import mesh as mesh_lib
 from experiments.tasks import digits_kd
 from kdjax import losses as L
-from kdjax import policy
+from kdjax import policy, reductions
 
 __all__ = ["LOSSES", "make_zoo_loss", "run"]
 
@@ -32,7 +36,7 @@ LOSSES = ("hinton", "logit_standardized", "taid", "akl", "pld", "random_sampling
 _LABELS = {
     "hinton": "Hinton KD (forward KL, T², α=0.9)",
     "logit_standardized": "logit-standardised KD",
-    "taid": "TAID (linear t ramp)",
+    "taid": "TAID (adaptive t)",
     "akl": "AKL (μ=0.5)",
     "pld": "PLD (Plackett–Luce)",
     "random_sampling": "random-sampling KD",
@@ -42,25 +46,15 @@ _LABELS = {
 }
 
 
-class _TaidRamp:
-  """Per-example column holding TAID's t for the current step (linear ramp t_start -> 1).
+def make_zoo_loss(name: str, config) -> Callable[..., Any]:
+  """The per-example training loss of one zoo row (KD term + ``ce_weight`` × hard-label CE).
 
-  ``train_phase`` fetches every batch column with ``column[idx]`` once per step, in order; this
-  object returns t(step) for that batch and advances. It stands in for TAID's adaptive schedule
-  (which needs the loss fed back, see :func:`kdjax.losses.taid_update`) inside the shared loop.
+  Every row but TAID is a plain ``loss(logits, batch) -> values``. TAID is a
+  :class:`experiments.train.StatefulLoss` ``loss(logits, batch, *, step, aux) -> (values,
+  new_aux)``: ``aux`` is the :class:`kdjax.losses.TaidState` (initial t = ``taid_t_start``),
+  updated once per step with the batch mean of the TAID term, ramping to t = 1 at
+  ``student_steps``.
   """
-
-  def __init__(self, t_start: float, num_steps: int):
-    self.t_start, self.num_steps, self.step = float(t_start), int(num_steps), 0
-
-  def __getitem__(self, idx):
-    self.step += 1
-    t = self.t_start + (1.0 - self.t_start) * min(self.step / self.num_steps, 1.0)
-    return np.full(len(idx), t, np.float32)
-
-
-def make_zoo_loss(name: str, config) -> Callable[[jax.Array, dict], jax.Array]:
-  """The per-example training loss of one zoo row (KD term + ``ce_weight`` × hard-label CE)."""
   temp, w = float(config.temperature), float(config.ce_weight)
   t2 = temp * temp
 
@@ -70,8 +64,6 @@ def make_zoo_loss(name: str, config) -> Callable[[jax.Array, dict], jax.Array]:
       return L.hinton_kd(logits, z_t, temperature=temp, scale_by_t2=True)
     if name == "logit_standardized":
       return L.logit_standardized_kd(logits, z_t, temperature=2.0, scale_by_t2=True)
-    if name == "taid":
-      return L.taid_loss(logits, z_t, t=batch["taid_t"][:, None], temperature=temp) * t2
     if name == "akl":
       return L.adaptive_kl(logits, z_t, temperature=temp) * t2
     if name == "pld":
@@ -95,14 +87,25 @@ def make_zoo_loss(name: str, config) -> Callable[[jax.Array, dict], jax.Array]:
     logits = logits.astype(jnp.float32)
     return w * train.ce_loss(logits, batch) + (1.0 - w) * kd(logits, batch)
 
-  return loss
+  if name != "taid":
+    return loss
+  t_start, total = float(config.taid_t_start), int(config.student_steps)
+  L.taid_init(t_start=t_start)  # validates t_start before any training
+
+  def taid(logits, batch, *, step, aux):
+    logits = logits.astype(jnp.float32)
+    z_t = jax.lax.stop_gradient(batch["teacher_logits"])
+    term = L.taid_loss(logits, z_t, interpolation=aux.t, temperature=temp) * t2
+    j = reductions.masked_mean(term, where=batch.get("mask"))
+    new_aux = L.taid_update(aux, j, step=step + 1, total_steps=total)
+    return w * train.ce_loss(logits, batch) + (1.0 - w) * term, new_aux
+
+  return train.StatefulLoss(taid, init_aux=lambda: L.taid_init(t_start=t_start))
 
 
 def _extra_columns(name, config, arrays, t_logits, seed):
   """Offline teacher targets a loss reads from the batch (computed once, like a cache)."""
   temp = float(config.temperature)
-  if name == "taid":
-    return {"taid_t": _TaidRamp(config.taid_t_start, config.student_steps)}
   if name == "random_sampling":
     ids, wts = L.sample_sparse_targets(jax.random.key(seed), t_logits,
                                        num_samples=int(config.num_samples), temperature=temp)
