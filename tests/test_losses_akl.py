@@ -206,3 +206,11 @@ def test_per_position_mu_and_temperature():
     L.adaptive_kl(zs, zt, temperature=np.array([1.0, -1.0, 1.0]))
   with pytest.raises(TypeError, match="temperature"):
     L.adaptive_kl(zs, zt, temperature="2")
+
+
+def test_nan_student_propagates():
+  zs, zt = jnp.array([[jnp.nan, 2., 3.]]), jnp.array([[3., 1., 2.]])
+  for f in (L.adaptive_kl, jax.jit(L.adaptive_kl)):
+    assert np.isnan(np.asarray(f(zs, zt))).all()
+  w_head, w_tail = L.adaptive_kl_weights(zs, zt)
+  assert np.isnan(np.asarray(w_head)).all() and np.isnan(np.asarray(w_tail)).all()

@@ -116,5 +116,7 @@ def adaptive_kl(student_logits: Array, teacher_logits: Array, *, mu: float = 0.5
   fkl = _logspace.plogratio(log_pt, log_ps, ax)
   rkl = _logspace.plogratio(log_ps, log_pt, ax)
   # A zero weight must not meet an infinite KL (support violation) as 0 * inf = NaN.
-  values = (jnp.where(w_head > 0, w_head * fkl, 0.0) + jnp.where(w_tail > 0, w_tail * rkl, 0.0))
+  # (`!= 0`, not `> 0`: a NaN weight propagates.)
+  values = (jnp.where(w_head != 0, w_head * fkl, 0.0)
+            + jnp.where(w_tail != 0, w_tail * rkl, 0.0))
   return _common.finish(values, log_ps, log_pt, ax, bm)
