@@ -1,143 +1,143 @@
-"""A small functional decoder-only Transformer with a KV-cache sampler (for student rollouts).
+"""Sampling from the decoder-only :class:`experiments.models.Transformer` with its KV cache.
 
-The launcher's ``experiments.models.Transformer`` has no decode cache, and PACED needs K sampled
-rollouts per problem at every pass-rate refresh, so this module keeps the model as a plain
-parameter pytree with two entry points that compute the same function:
+One function serves every task and notebook::
 
-* :func:`apply` — the full causal forward pass ``tokens [B, L] -> logits [B, L, V]`` (training,
-  teacher forcing, per-example gradients via ``jax.vmap(jax.grad(...))``);
-* :func:`decode_step` — one position with a key/value cache (``O(L)`` per token instead of
-  ``O(L²)``), used by :func:`sample` inside one ``lax.scan`` (prefill and generation alike).
+  tokens, log_probs = sample(model, prompt, max_new_tokens=5, temperature=1.0, top_k=None,
+                             top_p=None, key=jax.random.key(0))
 
-``tests/test_paced_experiments.py`` checks that the cached path reproduces :func:`apply`.
-Architecture: learned positions, pre-LayerNorm blocks (causal multi-head attention + GELU MLP),
-final LayerNorm, untied output projection.
+``prompt`` is ``[B, P]`` token ids; the prompt is fed through the cache position by position
+(prefill) and then ``max_new_tokens`` tokens are drawn, all inside one ``lax.scan`` with the
+model's key/value cache (``nnx.MultiHeadAttention(decode=True)``), so each step costs ``O(L)``
+instead of the ``O(L²)`` of re-running the full forward pass. The cached logits equal the full
+forward pass's (``tests/test_paced_experiments.py`` checks it).
+
+Logit processing (:func:`process_logits`), in this order: divide by ``temperature``; keep the
+``top_k`` largest logits; keep the smallest set of most-likely tokens whose probability reaches
+``top_p`` (nucleus); removed entries become ``-inf``. ``log_probs`` are
+``log_softmax(processed logits)`` at the sampled tokens, i.e. the log-probabilities of the
+distribution the tokens were drawn from. ``temperature=0`` is greedy decoding (argmax, no key
+needed); its ``log_probs`` are those of the filtered distribution at temperature 1.
+
+``sample`` works eagerly (it compiles once per model structure, shapes and settings) and inside
+``jax.jit``/``jax.vmap`` on a model rebuilt there with ``nnx.merge(graphdef, params)``.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, NamedTuple
+import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-Array = jax.Array
-
-
-class Spec(NamedTuple):
-  vocab: int
-  d_model: int = 64
-  num_heads: int = 4
-  num_layers: int = 2
-  mlp_dim: int = 256
-  max_len: int = 32
+__all__ = ["process_logits", "sample"]
 
 
-def init_params(key: Array, spec: Spec) -> dict[str, Any]:
-  """Parameters with scaled normal initialisation."""
-  if spec.d_model % spec.num_heads:
-    raise ValueError(f"`d_model` ({spec.d_model}) must be divisible by `num_heads` "
-                     f"({spec.num_heads}).")
-  d, m = spec.d_model, spec.mlp_dim
-  keys = iter(jax.random.split(key, 4 + 4 * spec.num_layers))
-  norm = lambda k, shape, fan: jax.random.normal(k, shape) / math.sqrt(fan)  # noqa: E731
-  blocks = []
-  for _ in range(spec.num_layers):
-    blocks.append({
-        "ln1": {"s": jnp.ones(d), "b": jnp.zeros(d)},
-        "qkv": norm(next(keys), (d, 3 * d), d),
-        "out": norm(next(keys), (d, d), d) / math.sqrt(2 * spec.num_layers),
-        "ln2": {"s": jnp.ones(d), "b": jnp.zeros(d)},
-        "w1": norm(next(keys), (d, m), d), "b1": jnp.zeros(m),
-        "w2": norm(next(keys), (m, d), m) / math.sqrt(2 * spec.num_layers), "b2": jnp.zeros(d),
-    })
-  return {"embed": 0.02 * jax.random.normal(next(keys), (spec.vocab, d)),
-          "pos": 0.02 * jax.random.normal(next(keys), (spec.max_len, d)),
-          "blocks": blocks, "lnf": {"s": jnp.ones(d), "b": jnp.zeros(d)},
-          "head": norm(next(keys), (d, spec.vocab), d)}
+def _check_settings(temperature, top_k, top_p, vocab):
+  if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+      or not temperature >= 0 or temperature == float("inf"):
+    raise ValueError(f"`temperature` must be a finite real number >= 0 (0 = greedy), "
+                     f"got {temperature!r}.")
+  if top_k is not None:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1 \
+        or (vocab is not None and top_k > vocab):
+      raise ValueError(f"`top_k` must be None or an integer in [1, {vocab}], got {top_k!r}.")
+  if top_p is not None:
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+      raise ValueError(f"`top_p` must be None or a real number in (0, 1], got {top_p!r}.")
 
 
-def _ln(p, x):
-  mu = x.mean(-1, keepdims=True)
-  var = ((x - mu)**2).mean(-1, keepdims=True)
-  return (x - mu) * jax.lax.rsqrt(var + 1e-5) * p["s"] + p["b"]
+def process_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> jax.Array:
+  """Temperature, top-k and top-p (nucleus) filtering of ``logits [..., V]`` (float32 out).
 
-
-def _split_heads(x, h):
-  return x.reshape(*x.shape[:-1], h, x.shape[-1] // h)
-
-
-def _mlp(blk, x):
-  return jax.nn.gelu(x @ blk["w1"] + blk["b1"]) @ blk["w2"] + blk["b2"]
-
-
-def apply(params, tokens: Array, spec: Spec) -> Array:
-  """Causal forward pass: ``tokens [B, L]`` (int) -> ``logits [B, L, V]``."""
-  length = tokens.shape[-1]
-  if length > spec.max_len:
-    raise ValueError(f"`tokens` length {length} exceeds max_len {spec.max_len}.")
-  x = params["embed"][tokens] + params["pos"][:length]
-  causal = jnp.tril(jnp.ones((length, length), bool))
-  for blk in params["blocks"]:
-    q, k, v = jnp.split(_ln(blk["ln1"], x) @ blk["qkv"], 3, axis=-1)
-    q, k, v = (_split_heads(t, spec.num_heads) for t in (q, k, v))     # [B, L, H, dh]
-    s = jnp.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(q.shape[-1])
-    s = jnp.where(causal, s, -1e30)
-    a = jnp.einsum("bhlm,bmhd->blhd", jax.nn.softmax(s, -1), v).reshape(x.shape)
-    x = x + a @ blk["out"]
-    x = x + _mlp(blk, _ln(blk["ln2"], x))
-  return _ln(params["lnf"], x) @ params["head"]
-
-
-def init_cache(batch: int, spec: Spec, dtype=jnp.float32) -> list[dict[str, Array]]:
-  dh = spec.d_model // spec.num_heads
-  shape = (batch, spec.max_len, spec.num_heads, dh)
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for _ in range(spec.num_layers)]
-
-
-def decode_step(params, cache, token: Array, pos: Array, spec: Spec):
-  """One position: ``token [B]`` at index ``pos`` -> (logits ``[B, V]``, updated cache)."""
-  x = params["embed"][token] + params["pos"][pos]                     # [B, d]
-  valid = jnp.arange(spec.max_len) <= pos                              # keys seen so far
-  new_cache = []
-  for blk, c in zip(params["blocks"], cache):
-    q, k, v = jnp.split(_ln(blk["ln1"], x) @ blk["qkv"], 3, axis=-1)
-    q, k, v = (_split_heads(t, spec.num_heads) for t in (q, k, v))     # [B, H, dh]
-    ck = jax.lax.dynamic_update_slice_in_dim(c["k"], k[:, None], pos, axis=1)
-    cv = jax.lax.dynamic_update_slice_in_dim(c["v"], v[:, None], pos, axis=1)
-    s = jnp.einsum("bhd,blhd->bhl", q, ck) / math.sqrt(q.shape[-1])
-    s = jnp.where(valid, s, -1e30)
-    a = jnp.einsum("bhl,blhd->bhd", jax.nn.softmax(s, -1), cv).reshape(x.shape)
-    x = x + a @ blk["out"]
-    x = x + _mlp(blk, _ln(blk["ln2"], x))
-    new_cache.append({"k": ck, "v": cv})
-  return _ln(params["lnf"], x) @ params["head"], new_cache
-
-
-def sample(params, key: Array, prompt: Array, num_new: int, spec: Spec, *,
-           temperature: float = 1.0, greedy: bool = False) -> Array:
-  """Continues ``prompt [B, P]`` by ``num_new`` tokens with the KV cache (one ``lax.scan``).
-
-  Returns the generated tokens ``[B, num_new]``. ``greedy=True`` takes the argmax.
+  ``temperature=0`` leaves the scale at 1 (greedy decoding takes the argmax of the result).
+  Removed entries are ``-inf``; the most likely token is always kept. Ties at the top-k
+  threshold are all kept.
   """
+  _check_settings(temperature, top_k, top_p, logits.shape[-1])
+  x = jnp.asarray(logits).astype(jnp.promote_types(logits.dtype, jnp.float32))
+  if temperature > 0:
+    x = x / temperature
+  if top_k is not None and top_k < x.shape[-1]:
+    kth = jax.lax.top_k(x, int(top_k))[0][..., -1:]
+    x = jnp.where(x >= kth, x, -jnp.inf)
+  if top_p is not None and top_p < 1:
+    sorted_x = -jnp.sort(-x, axis=-1)                                   # descending
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p                                   # the first is always kept
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x >= threshold, x, -jnp.inf)
+  return x
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
+                                             "top_k", "top_p"))
+def _sample(graphdef, state, prompt, key, *, max_new_tokens, temperature, top_k, top_p):
+  model = nnx.merge(graphdef, state)
   b, plen = prompt.shape
-  if plen + num_new > spec.max_len:
-    raise ValueError(f"prompt length {plen} + num_new {num_new} exceeds max_len {spec.max_len}.")
-  total = plen + num_new
-  keys = jax.random.split(key, total)
+  model.init_cache(b)
+  gd, cache, rest = nnx.split(model, nnx.Cache, ...)
+  total = plen + max_new_tokens
+  keys = jax.random.split(key, total - 1)
 
   def body(carry, i):
     cache, tok = carry
-    logits, cache = decode_step(params, cache, tok, i, spec)
-    if greedy:
-      nxt = jnp.argmax(logits, -1)
+    m = nnx.merge(gd, cache, rest)
+    logits = m(tok[:, None], decode=True)[:, 0]
+    cache = nnx.state(m, nnx.Cache)
+    proc = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    if temperature == 0:
+      nxt = jnp.argmax(proc, axis=-1)
     else:
-      nxt = jax.random.categorical(keys[i], logits / temperature, -1)
+      nxt = jax.random.categorical(keys[i], proc, axis=-1)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(proc, axis=-1), nxt[:, None], axis=-1)[:, 0]
     # Inside the prompt the next input is the prompt's own next token (prefill).
     nxt = jnp.where(i + 1 < plen, prompt[:, jnp.minimum(i + 1, plen - 1)], nxt)
-    return (cache, nxt.astype(prompt.dtype)), nxt
+    return (cache, nxt.astype(prompt.dtype)), (nxt.astype(prompt.dtype), lp)
 
-  _, out = jax.lax.scan(body, (init_cache(b, spec), prompt[:, 0]), jnp.arange(total - 1))
-  return out.T[:, plen - 1:]
+  _, (toks, lps) = jax.lax.scan(body, (cache, prompt[:, 0]), jnp.arange(total - 1))
+  return toks.T[:, plen - 1:], lps.T[:, plen - 1:]
+
+
+def sample(model: nnx.Module, prompt: jax.Array, *, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Continues ``prompt [B, P]`` by ``max_new_tokens`` tokens with the model's KV cache.
+
+  Args:
+    model: an :class:`experiments.models.Transformer` (not modified: the cache lives in a copy).
+    prompt: ``[B, P]`` integer token ids, ``P >= 1``; ``P + max_new_tokens <= model.max_len``.
+    max_new_tokens: number of generated tokens (>= 1).
+    temperature: softmax temperature (> 0), or 0 for greedy decoding.
+    top_k: keep only the ``top_k`` most likely tokens (None: all).
+    top_p: nucleus sampling: keep the most likely tokens up to probability mass ``top_p``
+      (None or 1: all).
+    key: PRNG key; required unless ``temperature == 0``.
+
+  Returns:
+    ``(tokens [B, max_new_tokens], log_probs [B, max_new_tokens])``: the generated tokens and
+    their log-probabilities under the processed (sampling) distribution, float32.
+  """
+  prompt = jnp.asarray(prompt)
+  if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f"`prompt` must be integer token ids [B, P] with P >= 1, got "
+                     f"{prompt.dtype}{list(prompt.shape)}.")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+      or max_new_tokens < 1:
+    raise ValueError(f"`max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}.")
+  _check_settings(temperature, top_k, top_p, getattr(model, "vocab_size", None))
+  max_len = model.max_len
+  if prompt.shape[1] + max_new_tokens > max_len:
+    raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} "
+                     f"exceeds the model's max_len {max_len}.")
+  if key is None:
+    if temperature > 0:
+      raise ValueError("`key` is required when temperature > 0.")
+    key = jax.random.PRNGKey(0)
+  graphdef, state = nnx.split(model)
+  return _sample(graphdef, state, prompt, key, max_new_tokens=int(max_new_tokens),
+                 temperature=float(temperature), top_k=None if top_k is None else int(top_k),
+                 top_p=None if top_p is None or top_p == 1 else float(top_p))

@@ -1,9 +1,12 @@
 """Flax NNX models for the experiments, built from config dicts: MLP, small CNN, small Transformer.
 
-Every model maps inputs to logits (``[batch, num_classes]`` for the classifiers,
-``[batch, seq, vocab]`` for the Transformer) and has only ``nnx.Param`` state (no batch statistics,
-no dropout), so a model is fully described by ``nnx.split(model)`` and a training step is a pure
-function of the parameters.
+These are the one model stack of every experiment task (classifiers, the ADPO policies, the PACED
+teacher and student language models). Every model maps inputs to logits (``[batch, num_classes]``
+for the classifiers, ``[batch, seq, vocab]`` for the Transformer) and has only ``nnx.Param`` state
+(no batch statistics, no dropout; the Transformer adds an ``nnx.Cache`` only while decoding, see
+:func:`experiments.decoding.sample`), so a model is fully described by ``nnx.split(model)`` and a
+training step is a pure function of the parameters: ``nnx.merge(graphdef, params)(x)`` inside
+``jax.jit``/``jax.vmap``/``jax.grad``.
 
 Build from a config (an ``ml_collections.ConfigDict`` or a dict)::
 
@@ -95,17 +98,26 @@ class _Block(nnx.Module):
     self.fc1 = nnx.Linear(d_model, mlp_dim, rngs=rngs)
     self.fc2 = nnx.Linear(mlp_dim, d_model, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    x = x + self.attn(self.ln1(x), mask=mask)
+  def __call__(self, x: jax.Array, mask: jax.Array | None, *, decode: bool = False) -> jax.Array:
+    x = x + self.attn(self.ln1(x), mask=mask, decode=decode)
     return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
+
+
+_EMBED_INIT = nnx.initializers.normal(stddev=0.02)
 
 
 class Transformer(nnx.Module):
   """Small decoder-only Transformer language model: token ids ``[B, L]`` -> logits ``[B, L, V]``.
 
   Learned positional embeddings (``max_len``), pre-LayerNorm blocks with causal attention, a final
-  LayerNorm and an untied output projection. ``padding_mask`` (``[B, L]`` bool, optional) removes
-  padded keys from attention.
+  LayerNorm and an untied output projection; token and position embeddings start at N(0, 0.02²).
+  ``padding_mask`` (``[B, L]`` bool, optional) removes padded keys from attention.
+
+  Autoregressive decoding with a key/value cache (``nnx.MultiHeadAttention(decode=True)``):
+  :meth:`init_cache` allocates the cache for a batch, then each ``model(token[:, None],
+  decode=True)`` call consumes one position (``O(L)`` per token instead of ``O(L²)``) and returns
+  the logits ``[B, 1, V]`` the full forward pass gives at that position. Use
+  :func:`experiments.decoding.sample` rather than calling this by hand.
   """
 
   def __init__(self, vocab_size: int, *, d_model: int = 64, num_heads: int = 4,
@@ -113,15 +125,37 @@ class Transformer(nnx.Module):
     if d_model % num_heads:
       raise ValueError(f"`d_model` ({d_model}) must be divisible by `num_heads` ({num_heads}).")
     self.max_len = int(max_len)
-    self.embed = nnx.Embed(int(vocab_size), int(d_model), rngs=rngs)
-    self.pos = nnx.Embed(self.max_len, int(d_model), rngs=rngs)
+    self.vocab_size = int(vocab_size)
+    self.embed = nnx.Embed(int(vocab_size), int(d_model), embedding_init=_EMBED_INIT, rngs=rngs)
+    self.pos = nnx.Embed(self.max_len, int(d_model), embedding_init=_EMBED_INIT, rngs=rngs)
     self.blocks = nnx.List([_Block(int(d_model), int(num_heads), int(mlp_dim), rngs=rngs)
                             for _ in range(int(num_layers))])
     self.ln_f = nnx.LayerNorm(int(d_model), rngs=rngs)
     self.head = nnx.Linear(int(d_model), int(vocab_size), rngs=rngs)
 
-  def __call__(self, tokens: jax.Array, padding_mask: jax.Array | None = None) -> jax.Array:
+  def init_cache(self, batch_size: int, dtype=jnp.float32) -> None:
+    """Allocates an empty key/value cache of ``max_len`` positions for ``batch_size`` rows."""
+    shape = (int(batch_size), self.max_len, self.embed.features)
+    for block in self.blocks:
+      block.attn.init_cache(shape, dtype)
+    self.cache_pos = nnx.Cache(jnp.array(0, jnp.int32))
+
+  def __call__(self, tokens: jax.Array, padding_mask: jax.Array | None = None, *,
+               decode: bool = False) -> jax.Array:
     length = tokens.shape[-1]
+    if decode:
+      if length != 1:
+        raise ValueError(f"decode=True takes one position (`tokens` [B, 1]), got length {length}.")
+      if padding_mask is not None:
+        raise ValueError("`padding_mask` is not supported with decode=True.")
+      if getattr(self, "cache_pos", None) is None:
+        raise ValueError("decode=True needs a cache: call `init_cache(batch_size)` first.")
+      pos = self.cache_pos[...]
+      x = self.embed(tokens) + self.pos(pos)[None, None]
+      self.cache_pos[...] = pos + 1
+      for block in self.blocks:
+        x = block(x, None, decode=True)
+      return self.head(self.ln_f(x))
     if length > self.max_len:
       raise ValueError(f"`tokens` length {length} exceeds the model's max_len {self.max_len}.")
     x = self.embed(tokens) + self.pos(jnp.arange(length))[None]

@@ -15,27 +15,31 @@ Methods (all see the same contexts/noise, take ``inner_steps`` AdamW steps per b
 * ``adpo_listwise`` — q = softmax(A/β_r) from the raw noisy rewards (Listwise-Raw), fixed anchor.
 * ``adpo_dynamic`` — the same with the on-policy anchor π_ref ← π_old at each batch.
 * ``ppo_clip`` — the PPO-clip surrogate in expectation over the P items under π_old,
-  advantages A (ε = 0.2).
+  advantages A (ε = 0.2): ``kdjax.policy.trrd_loss`` with π_mix = π_old (λ = 0).
 * ``trpo_kl`` — the unclipped surrogate minus β_kl KL(π_old ‖ π) (TRPO-like penalty).
 
-Everything is plain JAX: an MLP as a parameter pytree, vmapped over (scenario, seed) runs and
-scanned over steps, so the 12 × 7 × seeds grid runs on a CPU in minutes.
+The policy is the NNX ``experiments.models.MLP`` (tanh), trained functionally on its parameter
+pytree (``nnx.merge(graphdef, params)``), vmapped over (scenario, seed) runs and scanned over
+steps, so the 12 × 7 × seeds grid runs on a CPU in minutes.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
-import os
 import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 
+from experiments import models
+from experiments.stats import format_mean_ci, mean_ci, smoke_banner
+from kdjax import policy as PO
 from kdjax import preference as P
 from kdjax import reductions
 
@@ -69,22 +73,14 @@ def _scenario_arrays(scns):
 # ----------------------------------------------------------------------------- model
 
 
-def init_mlp(key, sizes):
-  params = []
-  for k, (a, b) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
-    params.append({"w": jax.random.normal(k, (a, b)) * math.sqrt(1.0 / a),
-                   "b": jnp.zeros((b,))})
-  return params
+def make_policy(cfg, hidden, key=0) -> models.MLP:
+  """The policy network: an NNX tanh MLP, contexts ``[B, d]`` -> item logits ``[B, P]``."""
+  return models.MLP(cfg.context_dim, (hidden,) * cfg.depth, cfg.num_items, activation="tanh",
+                    rngs=nnx.Rngs(params=key))
 
 
-def mlp(params, x):
-  for layer in params[:-1]:
-    x = jnp.tanh(x @ layer["w"] + layer["b"])
-  return x @ params[-1]["w"] + params[-1]["b"]
-
-
-def log_policy(params, x):
-  return jax.nn.log_softmax(mlp(params, x), axis=-1)
+def log_policy(graphdef, params, x):
+  return jax.nn.log_softmax(nnx.merge(graphdef, params)(x), axis=-1)
 
 
 # ----------------------------------------------------------------------------- environment
@@ -104,18 +100,19 @@ def noisy_rewards(key, r_star, sc):
   return jnp.where(flip, -r, r)
 
 
-def win_mass(params, w, x):
+def win_mass(graphdef, params, w, x):
   best = jnp.argmax(x @ w.T, axis=-1)
-  probs = jnp.exp(log_policy(params, x))
+  probs = jnp.exp(log_policy(graphdef, params, x))
   return jnp.mean(jnp.take_along_axis(probs, best[:, None], axis=-1))
 
 
 # ----------------------------------------------------------------------------- losses
 
 
-def make_loss(method: str, cfg):
+def make_loss(method: str, cfg, graphdef):
   """loss(params, ref_params, old_params, x, r_noisy, key) -> scalar (batch mean)."""
   tau, beta_r = cfg.tau, cfg.beta_r
+  log_policy_ = functools.partial(log_policy, graphdef)
 
   def pair(key, n, p):
     i = jax.random.randint(key, (n,), 0, p)
@@ -123,10 +120,10 @@ def make_loss(method: str, cfg):
     return i, j
 
   def loss(params, ref, old, x, r, key):
-    lp = log_policy(params, x)
+    lp = log_policy_(params, x)
     n, p = lp.shape
     if method in ("dpo_hard", "dpo_soft"):
-      lr = jax.lax.stop_gradient(log_policy(ref, x))
+      lr = jax.lax.stop_gradient(log_policy_(ref, x))
       i, j = pair(key, n, p)
       take = lambda a, k: jnp.take_along_axis(a, k[:, None], axis=-1)[:, 0]
       ri, rj = take(r, i), take(r, j)
@@ -140,22 +137,21 @@ def make_loss(method: str, cfg):
       return reductions.masked_mean(vals)
     adv = P.group_zscore(r)
     if method == "adpo_pairwise":
-      lr = jax.lax.stop_gradient(log_policy(ref, x))
-      u = P.anchored_logits(lp, lr, tau=tau)
+      lr = jax.lax.stop_gradient(log_policy_(ref, x))
+      u = P.anchored_logits(lp, lr, temperature=tau)
       return reductions.masked_mean(P.adpo_soft_pairwise_loss(u, P.pair_labels(adv,
                                                                                 beta_r=beta_r)))
     if method in ("adpo_listwise", "adpo_dynamic"):
       anchor = ref if method == "adpo_listwise" else old
-      lr = jax.lax.stop_gradient(log_policy(anchor, x))
+      lr = jax.lax.stop_gradient(log_policy_(anchor, x))
       q = jax.lax.stop_gradient(P.target_from_rewards(r, beta_r=beta_r))
-      return reductions.masked_mean(P.adpo_loss(lp, lr, q, tau=tau))
-    lo = jax.lax.stop_gradient(log_policy(old, x))
+      return reductions.masked_mean(P.adpo_loss(lp, lr, q, temperature=tau))
+    lo = jax.lax.stop_gradient(log_policy_(old, x))
     po = jnp.exp(lo)
+    if method == "ppo_clip":   # the TRRD surrogate with pi_mix = pi_old (lambda = 0) is PPO-clip
+      per_item = PO.trrd_loss(lp, lo, adv, clip_eps=cfg.ppo_clip)
+      return reductions.masked_mean(jnp.sum(po * per_item, axis=-1))
     ratio = jnp.exp(lp - lo)
-    if method == "ppo_clip":
-      eps = cfg.ppo_clip
-      surr = jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - eps, 1 + eps) * adv)
-      return -reductions.masked_mean(jnp.sum(po * surr, axis=-1))
     if method == "trpo_kl":
       kl = jnp.sum(po * (lo - lp), axis=-1)
       return -reductions.masked_mean(jnp.sum(po * ratio * adv, axis=-1) - cfg.trpo_beta * kl)
@@ -171,18 +167,9 @@ _CFG_KEYS = ("lr", "weight_decay", "context_dim", "depth", "num_items", "batch_s
              "steps", "eval_every", "inner_steps", "tau", "beta_r", "ppo_clip", "trpo_beta")
 
 
-class _Frozen:
-  """Hashable view of the config fields the compiled functions depend on."""
-
-  def __init__(self, cfg):
-    self.__dict__.update({k: cfg[k] for k in _CFG_KEYS})
-    self._key = tuple(cfg[k] for k in _CFG_KEYS)
-
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Frozen) and self._key == other._key
+def _frozen(cfg) -> ml_collections.FrozenConfigDict:
+  """Hashable view of the config fields the compiled functions depend on (jit cache key)."""
+  return ml_collections.FrozenConfigDict({k: cfg[k] for k in _CFG_KEYS})
 
 
 @functools.lru_cache(maxsize=16)
@@ -190,11 +177,11 @@ def _train_fns(cfg, hidden):
   """(pretrain, run) jitted once per (config, width); `run` takes the method index as a traced
   scalar, so lax.switch stays a real branch and all methods share one compilation."""
   tx = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-  sizes = (cfg.context_dim,) + (hidden,) * cfg.depth + (cfg.num_items,)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_policy(cfg, hidden)))
 
   def pretrain(key, w):
     """Reference: `ref_steps` AdamW steps of SFT on the clean best item (30 in the paper)."""
-    params = init_mlp(key, sizes)
+    params = nnx.state(make_policy(cfg, hidden, key), nnx.Param)
     opt = tx.init(params)
 
     def step(carry, k):
@@ -202,7 +189,7 @@ def _train_fns(cfg, hidden):
       x = jax.random.normal(k, (cfg.batch_size, cfg.context_dim))
       y = jnp.argmax(x @ w.T, axis=-1)
       g = jax.grad(lambda p: -jnp.mean(jnp.take_along_axis(
-          log_policy(p, x), y[:, None], axis=-1)))(params)
+          log_policy(graphdef, p, x), y[:, None], axis=-1)))(params)
       upd, opt = tx.update(g, opt, params)
       return (optax.apply_updates(params, upd), opt), None
 
@@ -210,7 +197,7 @@ def _train_fns(cfg, hidden):
         jax.random.fold_in(key, 7), cfg.ref_steps))
     return params
 
-  grads = [jax.grad(make_loss(m, cfg)) for m in METHODS]
+  grads = [jax.grad(make_loss(m, cfg, graphdef)) for m in METHODS]
   n_evals = cfg.steps // cfg.eval_every
 
   def one_run(key, w, sc, ref, x_test, method_idx):
@@ -239,12 +226,12 @@ def _train_fns(cfg, hidden):
 
     def block(carry, k):
       carry, _ = jax.lax.scan(step, carry, jax.random.split(k, cfg.eval_every))
-      return carry, win_mass(carry[0], w, x_test)
+      return carry, win_mass(graphdef, carry[0], w, x_test)
 
     (params, _), curve = jax.lax.scan(block, (params, opt), jax.random.split(key, n_evals))
     return curve
 
-  return (jax.jit(jax.vmap(pretrain)),
+  return (graphdef, jax.jit(jax.vmap(pretrain)),
           jax.jit(jax.vmap(one_run, in_axes=(0, 0, 0, 0, 0, None))))
 
 
@@ -269,9 +256,9 @@ def run_grid(cfg, *, methods=METHODS, scenario_list=None, hidden=None, progress=
     d = jax.random.normal(jax.random.fold_in(k, 3), (cfg.context_dim,))
     return x + shift * d / jnp.linalg.norm(d)
   x_test = jax.vmap(test_x)(env_keys, sc_runs["shift"])
-  pretrain, run_fn = _train_fns(_Frozen(cfg), hidden)
+  graphdef, pretrain, run_fn = _train_fns(_frozen(cfg), hidden)
   ref = pretrain(jax.vmap(lambda k: jax.random.fold_in(k, 4))(env_keys), w)
-  ref_wm = jax.vmap(win_mass)(ref, w, x_test)
+  ref_wm = jax.vmap(functools.partial(win_mass, graphdef))(ref, w, x_test)
   out = {"winmass": {}, "curves": {}, "seconds": {},
          "ref_winmass": np.asarray(ref_wm).reshape(n_s, n_seeds),
          "scenarios": [s["name"] for s in scns], "hidden": hidden}
@@ -292,17 +279,6 @@ def run_grid(cfg, *, methods=METHODS, scenario_list=None, hidden=None, progress=
 # ----------------------------------------------------------------------------- reporting
 
 
-def mean_ci(x, axis=-1):
-  """Mean and 95% t-interval half-width over `axis` (seeds)."""
-  from scipy import stats  # pylint: disable=import-outside-toplevel
-  x = np.asarray(x)
-  n = x.shape[axis]
-  m = x.mean(axis)
-  if n < 2:
-    return m, np.zeros_like(m)
-  return m, stats.t.ppf(0.975, n - 1) * x.std(axis, ddof=1) / math.sqrt(n)
-
-
 def table(res, methods=None) -> tuple[str, list[dict]]:
   methods = methods or list(res["winmass"])
   rows, lines = [], []
@@ -315,7 +291,7 @@ def table(res, methods=None) -> tuple[str, list[dict]]:
     for m in methods:
       mu, ci = mean_ci(res["winmass"][m][s])
       row[m], row[m + "_ci95"] = float(mu), float(ci)
-      cells.append(f"{mu:.3f}±{ci:.3f}".rjust(15))
+      cells.append(format_mean_ci(mu, ci).rjust(15))
     best = max(methods, key=lambda m: row[m])
     row["best"] = best
     rows.append(row)
@@ -323,19 +299,18 @@ def table(res, methods=None) -> tuple[str, list[dict]]:
   return "\n".join(lines), rows
 
 
-def plot(res, path, *, scale=None):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+def plot(res, path=None, *, scale=None):
+  """WinMass per scenario and method (and the width sweep); saved to ``path`` if given."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   methods = list(res["winmass"])
   n_s = len(res["scenarios"])
-  fig, axes = plt.subplots(1, 2 if scale else 1, figsize=(14 if scale else 9, 4.5),
-                           squeeze=False)
+  fig = Figure(figsize=(14 if scale else 9, 4.5))    # no pyplot: the caller's backend is kept
+  axes = fig.subplots(1, 2 if scale else 1, squeeze=False)
   ax = axes[0, 0]
   width = 0.8 / len(methods)
   for k, m in enumerate(methods):
     mu, ci = mean_ci(res["winmass"][m])
-    ax.bar(np.arange(n_s) + k * width, mu, width, yerr=ci, label=m)
+    ax.bar(np.arange(n_s) + k * width, mu, width, yerr=np.nan_to_num(ci), label=m)
   ax.set_xticks(np.arange(n_s) + 0.4)
   ax.set_xticklabels([s.replace("/", "\n") for s in res["scenarios"]], fontsize=6, rotation=90)
   ax.set_ylabel("WinMass (clean test contexts)")
@@ -348,38 +323,47 @@ def plot(res, path, *, scale=None):
       ax.plot(hs, mu, marker="o", label=m)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("hidden width")
+    ax.set_ylabel("WinMass")
     ax.set_title(scale[hs[0]]["scenarios"][0])
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  if path is not None:
+    fig.savefig(path, dpi=110)
+  return fig
 
 
-def plot_curves(res, path, scenario=0):
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6, 4))
+def plot_curves(res, path=None, scenario=0):
+  """WinMass against step for one scenario (mean and 95% CI band over seeds)."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   for m, c in res["curves"].items():
     mu, ci = mean_ci(c[scenario], axis=0)
     steps = np.arange(1, mu.size + 1) * res.get("eval_every", 1)
     ax.plot(steps, mu, label=m)
-    ax.fill_between(steps, mu - ci, mu + ci, alpha=0.2)
+    ax.fill_between(steps, mu - np.nan_to_num(ci), mu + np.nan_to_num(ci), alpha=0.2)
   ax.set_title(res["scenarios"][scenario])
   ax.set_xlabel("step")
   ax.set_ylabel("WinMass")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  if path is not None:
+    fig.savefig(path, dpi=110)
+  return fig
 
 
 def run(config, workdir):
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  smoke = bool(config.get("smoke", False))
+  if smoke:
+    print(smoke_banner("adpo_bandits"))
   t0 = time.perf_counter()
   res = run_grid(config, progress=config.progress)
   res["eval_every"] = config.eval_every
   text, rows = table(res)
-  print(f"\nADPO noisy bandits: final WinMass, mean ± 95% CI over {config.seeds} seeds "
-        f"(hidden {config.hidden}, {config.steps} steps)\n{text}")
+  if not smoke:
+    print(f"\nADPO noisy bandits: final WinMass, mean ± 95% CI over {config.seeds} seeds "
+          f"(hidden {config.hidden}, {config.steps} steps)\n{text}")
   scale = {}
   scen = [s for s in scenarios() if s["name"] == config.scale_scenario]
   for h in config.scale_hidden:
@@ -389,10 +373,7 @@ def run(config, workdir):
     methods = list(res["winmass"])
     print(f"{'hidden':>6s} " + " ".join(f"{m:>15s}" for m in methods))
     for h in sorted(scale):
-      cells = []
-      for m in methods:
-        mu, ci = mean_ci(scale[h]["winmass"][m][0])
-        cells.append(f"{float(mu):.3f}±{float(ci):.3f}".rjust(15))
+      cells = [format_mean_ci(*mean_ci(scale[h]["winmass"][m][0])).rjust(15) for m in methods]
       print(f"{h:6d} " + " ".join(cells))
   # Direction summary (the paper: ADPO beats DPO; listwise best in most scenarios).
   best_counts = {}
@@ -405,12 +386,17 @@ def run(config, workdir):
   summary = {"best_counts": best_counts,
              "adpo_over_dpo_percent": [float(g) for g in gain],
              "seconds": time.perf_counter() - t0}
-  print(f"\nbest method counts: {best_counts}")
-  print("best ADPO variant vs best DPO, % per scenario: "
-        + " ".join(f"{g:+.1f}" for g in gain))
+  if smoke:
+    print(f"adpo_bandits pipeline ran: {len(rows)} scenarios ({rows[0]['scenario']} .. "
+          f"{rows[-1]['scenario']}) x {len(res['winmass'])} methods, {config.seeds} seeds, "
+          f"{config.steps} steps")
+  else:
+    print(f"\nbest method counts: {best_counts}")
+    print("best ADPO variant vs best DPO, % per scenario: "
+          + " ".join(f"{g:+.1f}" for g in gain))
   plot(res, workdir / "winmass.png", scale=scale or None)
   plot_curves(res, workdir / "curves.png", scenario=0)
-  metrics = {"table": rows, "summary": summary,
+  metrics = {"table": rows, "summary": summary, "smoke": smoke,
              "scale": {str(h): {m: [float(v) for v in s["winmass"][m][0]] for m in s["winmass"]}
                        for h, s in scale.items()},
              "reference_winmass_mean": float(res["ref_winmass"].mean()),
@@ -418,4 +404,6 @@ def run(config, workdir):
   (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
   print(f"\nwrote {workdir / 'metrics.json'}, winmass.png, curves.png "
         f"({summary['seconds']:.0f} s)")
+  if smoke:
+    print(smoke_banner("adpo_bandits", end=True))
   return metrics

@@ -5,7 +5,8 @@ w ~ N(0, σ_w² I), cost sᵀQs + aᵀRa (return = −Σ cost over H steps). The
 controller with Gaussian exploration, π_T(a|s) = N(−K s, σ_T² I), an analytic Gaussian. A data set
 of states is collected with the teacher; for every state P candidate actions are drawn from the
 teacher, and the target is q = softmax(log π_T(a_i|s)/T). The student is an MLP mean with a
-learned state-independent log-std, so every metric has a closed form or is exact:
+learned state-independent log-std (the NNX ``experiments.models.MLP``, tanh, trained
+functionally on its parameter pytree), so every metric has a closed form or is exact:
 
 * KL(π_T ‖ π_S) between the two Gaussians, averaged over held-out teacher states;
 * NDCG@P of the student's candidate ranking (by log π_S) against the teacher's relevance q;
@@ -28,13 +29,16 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import scipy.linalg
+from flax import nnx
 
+from experiments import models
+from experiments.stats import format_mean_ci, mean_ci, smoke_banner
 from kdjax import preference as P
 from kdjax import reductions
-from experiments.tasks.adpo_bandits import init_mlp, mean_ci, mlp
 
 METHODS = ("kd", "adpo_self", "adpo_ema")
 
@@ -118,27 +122,43 @@ def ndcg(scores, relevance):
 # ----------------------------------------------------------------------------- student
 
 
+def _mean_net(cfg, key=0) -> models.MLP:
+  return models.MLP(cfg.state_dim, (cfg.hidden, cfg.hidden), cfg.action_dim, activation="tanh",
+                    rngs=nnx.Rngs(params=key))
+
+
 def student_init(key, cfg):
-  return {"mlp": init_mlp(key, (cfg.state_dim, cfg.hidden, cfg.hidden, cfg.action_dim)),
+  """Student parameters: the mean network's NNX state and the log-std."""
+  return {"mlp": nnx.state(_mean_net(cfg, key), nnx.Param),
           "log_std": jnp.full((cfg.action_dim,), math.log(cfg.student_init_std))}
 
 
-def student_dist(params, s):
-  return mlp(params["mlp"], s), jnp.broadcast_to(params["log_std"], s.shape[:-1] +
-                                                  params["log_std"].shape)
+@functools.lru_cache(maxsize=8)
+def _mean_graphdef(state_dim, hidden, action_dim):
+  cfg = ml_collections.ConfigDict(dict(state_dim=state_dim, hidden=hidden, action_dim=action_dim))
+  return nnx.graphdef(nnx.eval_shape(lambda: _mean_net(cfg)))
 
 
-class _Frozen:
-  def __init__(self, cfg):
-    keys = sorted(k for k in cfg.keys() if k not in ("progress", "seeds", "seed"))
-    self.__dict__.update({k: cfg[k] for k in keys})
-    self._key = tuple((k, str(cfg[k])) for k in keys)
+def student_mean(cfg, params, s):
+  """The student's mean action for states ``s`` (``[..., state_dim]``)."""
+  flat = s.reshape(-1, s.shape[-1])
+  gd = _mean_graphdef(int(cfg.state_dim), int(cfg.hidden), int(cfg.action_dim))
+  out = nnx.merge(gd, params["mlp"])(flat)
+  return out.reshape(*s.shape[:-1], out.shape[-1])
 
-  def __hash__(self):
-    return hash(self._key)
 
-  def __eq__(self, other):
-    return isinstance(other, _Frozen) and self._key == other._key
+def student_dist(cfg, params, s):
+  return student_mean(cfg, params, s), jnp.broadcast_to(params["log_std"], s.shape[:-1] +
+                                                        params["log_std"].shape)
+
+
+_RUN_INDEPENDENT = ("progress", "seeds", "seed", "smoke")
+
+
+def _frozen(cfg) -> ml_collections.FrozenConfigDict:
+  """Hashable view of the config fields the compiled functions depend on (jit cache key)."""
+  return ml_collections.FrozenConfigDict(
+      {k: cfg[k] for k in cfg.keys() if k not in _RUN_INDEPENDENT})
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,14 +167,14 @@ def _train_fn(cfg):
   losses = {}
 
   def loss(params, anchor, s, acts, q, method):
-    mean, log_std = student_dist(params, s)
+    mean, log_std = student_dist(cfg, params, s)
     lp = gaussian_logpdf(acts, mean[:, None], log_std[:, None])       # [B, P]
     if method == "kd":
       lr = jnp.zeros_like(lp)
     else:
-      am, als = student_dist(anchor, s)
+      am, als = student_dist(cfg, anchor, s)
       lr = jax.lax.stop_gradient(gaussian_logpdf(acts, am[:, None], als[:, None]))
-    return reductions.masked_mean(P.adpo_loss(lp, lr, q, tau=cfg.temperature))
+    return reductions.masked_mean(P.adpo_loss(lp, lr, q, temperature=cfg.temperature))
 
   for m in METHODS:
     losses[m] = jax.grad(functools.partial(loss, method=m))
@@ -187,7 +207,7 @@ def _train_fn(cfg):
     (params, _, _), _ = jax.lax.scan(step, (params, anchor, opt),
                                      jax.random.split(k_data, cfg.steps))
     # metrics on held-out teacher states
-    mean, log_std = student_dist(params, test_states)
+    mean, log_std = student_dist(cfg, params, test_states)
     t_mean = -test_states @ sysm_k.T
     t_ls = jnp.full_like(t_mean, math.log(cfg.teacher_std))
     kl = jnp.mean(gaussian_kl(t_mean, t_ls, mean, log_std))
@@ -205,7 +225,7 @@ def _train_fn(cfg):
 
 def run_methods(cfg, progress=False):
   """Trains every method on every seed; returns per-method dicts of per-seed metrics."""
-  fcfg = _Frozen(cfg)
+  fcfg = _frozen(cfg)
   systems, states, tests, teacher_ret = [], [], [], []
   for s in range(cfg.seeds):
     sysm = make_system(cfg.seed + s, cfg.state_dim, cfg.action_dim)
@@ -232,7 +252,7 @@ def run_methods(cfg, progress=False):
     rets = []
     for s, sysm in enumerate(systems):
       p_s = jax.tree.map(lambda x, s=s: x[s], res["params"])
-      pol = lambda x, p_s=p_s: mlp(p_s["mlp"], x)
+      pol = lambda x, p_s=p_s: student_mean(fcfg, p_s, x)
       rets.append(float(episodic_return(jax.random.fold_in(jax.random.PRNGKey(
           cfg.seed + 1000 + s), 3), sysm, fcfg, pol, cfg.eval_episodes)))
     out[m] = {"kl": np.asarray(res["kl"]), "ndcg": np.asarray(res["ndcg"]),
@@ -254,25 +274,34 @@ def table(res) -> tuple[str, list[dict]]:
     for c in cols:
       mu, ci = mean_ci(res[m][c])
       row[c], row[c + "_ci95"] = float(mu), float(ci)
-      cells.append(f"{mu:.3f}±{ci:.3f}".rjust(20))
+      cells.append(format_mean_ci(mu, ci).rjust(20))
     rows.append(row)
     lines.append(f"{m:12s} " + " ".join(cells))
   tr = mean_ci(np.asarray(res["teacher_return"]))
-  lines.append(f"{'teacher':12s} {'0':>20s} {'1':>20s} {f'{tr[0]:.3f}±{tr[1]:.3f}':>20s}")
+  lines.append(f"{'teacher':12s} {'0':>20s} {'1':>20s} {format_mean_ci(*tr):>20s}")
   return "\n".join(lines), rows
 
 
 def run(config, workdir):
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  smoke = bool(config.get("smoke", False))
+  if smoke:
+    print(smoke_banner("adpo_offline"))
   t0 = time.perf_counter()
   res = run_methods(config, progress=config.progress)
   text, rows = table(res)
-  print(f"\nADPO offline distillation (linear-Gaussian control, {config.seeds} seeds, "
-        f"{config.steps} steps, P={config.num_candidates}, T={config.temperature}): "
-        f"mean ± 95% CI\n{text}")
+  if smoke:   # a 100-step student can still diverge: its table is not a result
+    print(f"adpo_offline pipeline ran: methods {', '.join(METHODS)}, {config.seeds} seeds, "
+          f"{config.steps} steps; columns KL(teacher||student), NDCG, return in metrics.json")
+  else:
+    print(f"\nADPO offline distillation (linear-Gaussian control, {config.seeds} seeds, "
+          f"{config.steps} steps, P={config.num_candidates}, T={config.temperature}): "
+          f"mean ± 95% CI\n{text}")
   metrics = {"table": rows, "teacher_return": res["teacher_return"],
-             "seconds": time.perf_counter() - t0}
+             "seconds": time.perf_counter() - t0, "smoke": smoke}
   (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
   print(f"\nwrote {workdir / 'metrics.json'} ({metrics['seconds']:.0f} s)")
+  if smoke:
+    print(smoke_banner("adpo_offline", end=True))
   return metrics

@@ -6,12 +6,12 @@ written least-significant digit first, answer = 5 reversed digits) — the disti
 
 Pipeline (one teacher; per seed a student, a problem pool and all arms):
 
-1. teacher Transformer (decoding.Spec ``teacher``) trained on ground-truth answers to high
+1. teacher Transformer (``experiments.models.Transformer``, config ``teacher``) trained on ground-truth answers to high
    accuracy; its greedy (KV-cache) responses are the reference responses;
 2. smaller student pre-trained briefly (copy + mostly easy additions + hinted sequences that teach
    it to read a privileged hint): partial competence, pass rates spread over (0, 1);
-3. K = 8 student rollouts per pool problem, sampled with the KV-cache decoder at temperature 1 and
-   verified, give p̂, refreshed every ``refresh_every`` steps (and at the two-stage switch);
+3. K = 8 student rollouts per pool problem, sampled with the KV-cache decoder
+   (``experiments.decoding.sample``) at temperature 1 and verified, give p̂, refreshed every ``refresh_every`` steps (and at the two-stage switch);
 4. cross-model arms (teacher-forced forward KL on the teacher's reference responses, per-token
    masked mean within the answer): ``uniform``, ``paced`` (p(1−p), mean-one over the batch),
    ``akl`` (kdjax.losses.adaptive_kl), ``two_stage`` (PACED forward KL then PACED reverse KL);
@@ -35,9 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from tqdm import tqdm
 
 from experiments import decoding as dec
+from experiments import models
+from experiments.stats import format_mean_ci, mean_ci, smoke_banner
 from kdjax import divergences as D
 from kdjax import pacing as P
 from kdjax.losses import adaptive_kl
@@ -84,14 +87,28 @@ def hinted_seq(prompt, answer, hint):
                           answer], -1)
 
 
-def answer_logits(params, seq, spec, offset=0):
+def init_model(model_cfg, key):
+  """(graphdef, params) of a Transformer over the task's vocabulary (room for a hinted sequence).
+
+  The tasks train the parameters functionally: ``graphdef`` is static (hashable, it keys the jit
+  caches) and ``params`` is a pytree that can be stacked over arms and differentiated.
+  """
+  model = models.Transformer(VOCAB, max_len=HINTED + 2, **dict(model_cfg),
+                             rngs=nnx.Rngs(params=key))
+  return nnx.split(model)
+
+
+def answer_logits(graphdef, params, seq, offset=0):
   """Logits predicting the 5 answer tokens (positions offset+PROMPT-1 .. offset+SEQ-2)."""
-  lg = dec.apply(params, seq, spec)
+  lg = nnx.merge(graphdef, params)(seq)
   return lg[:, offset + PROMPT - 1: offset + SEQ - 1]
 
 
-def generate(params, key, prompt, spec, *, greedy=False, temperature=1.0):
-  return dec.sample(params, key, prompt, ANS, spec, greedy=greedy, temperature=temperature)
+def generate(graphdef, params, key, prompt, *, greedy=False, temperature=1.0):
+  """``ANS`` tokens after ``prompt`` (KV-cache sampling, or greedy)."""
+  tokens, _ = dec.sample(nnx.merge(graphdef, params), prompt, max_new_tokens=ANS,
+                         temperature=0.0 if greedy else temperature, key=key)
+  return tokens
 
 
 def correct(out, answer):
@@ -104,9 +121,9 @@ def correct(out, answer):
 _CE_CACHE = {}
 
 
-def _ce_step(spec, steps, lr):
-  """Jitted CE step for (spec, steps, lr), cached so teacher and student can share a compile."""
-  key = (spec, steps, lr)
+def _ce_step(graphdef, steps, lr):
+  """Jitted CE step for (model, steps, lr), cached so teacher and student can share a compile."""
+  key = (graphdef, steps, lr)
   if key not in _CE_CACHE:
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps),
                      weight_decay=1e-4)
@@ -114,9 +131,9 @@ def _ce_step(spec, steps, lr):
     @jax.jit
     def step_fn(params, state, seq, ans, hseq, hans):
       def loss(p):
-        l1 = optax.softmax_cross_entropy_with_integer_labels(answer_logits(p, seq, spec), ans)
+        l1 = optax.softmax_cross_entropy_with_integer_labels(answer_logits(graphdef, p, seq), ans)
         l2 = optax.softmax_cross_entropy_with_integer_labels(
-            answer_logits(p, hseq, spec, offset=1 + ANS), hans)
+            answer_logits(graphdef, p, hseq, offset=1 + ANS), hans)
         return (l1.sum() + l2.sum()) / (l1.size + l2.size)
       g = jax.grad(loss)(params)
       u, state = tx.update(g, state, params)
@@ -126,12 +143,11 @@ def _ce_step(spec, steps, lr):
   return _CE_CACHE[key]
 
 
-def train_ce(params, spec, key, batches_fn, steps, lr, *, desc):
+def train_ce(graphdef, params, batches_fn, steps, lr, *, desc, progress=True):
   """Cross-entropy on the answer tokens of ``batches_fn(step) -> (seq, ans, hinted seq, ans)``."""
-  del key
-  tx, step_fn = _ce_step(spec, steps, lr)
+  tx, step_fn = _ce_step(graphdef, steps, lr)
   state = tx.init(params)
-  for s in tqdm(range(steps), desc=desc, leave=False, mininterval=5):
+  for s in tqdm(range(steps), desc=desc, leave=False, mininterval=5, disable=not progress):
     seq, ans, hseq, hans = batches_fn(s)
     params, state = step_fn(params, state, seq, ans, hseq, hans)
   return params
@@ -152,26 +168,25 @@ def _mixed_batch(rng, batch, mix, *, hinted_frac):
           jnp.asarray(h["answer"]))
 
 
-def greedy_accuracy(params, spec, probs, key=None):
-  key = jax.random.PRNGKey(0) if key is None else key
-  out = _jit_generate(spec, True)(params, key, jnp.asarray(probs["prompt"]))
+def greedy_accuracy(graphdef, params, probs):
+  out = _jit_generate(graphdef, True)(params, jax.random.PRNGKey(0), jnp.asarray(probs["prompt"]))
   return np.asarray(correct(out, jnp.asarray(probs["answer"])))
 
 
 _GEN_CACHE = {}
 
 
-def _jit_generate(spec, greedy):
-  k = (spec, greedy)
+def _jit_generate(graphdef, greedy):
+  k = (graphdef, greedy)
   if k not in _GEN_CACHE:
-    _GEN_CACHE[k] = jax.jit(lambda p, key, pr: generate(p, key, pr, spec, greedy=greedy))
+    _GEN_CACHE[k] = jax.jit(lambda p, key, pr: generate(graphdef, p, key, pr, greedy=greedy))
   return _GEN_CACHE[k]
 
 
 # ----------------------------------------------------------------------------- distillation
 
 
-def make_distill_fns(cfg, s_spec, t_spec):
+def make_distill_fns(cfg, s_gd):
   """Jitted, arm-vmapped pieces: pass-rate refresh and a chunk of training steps."""
   k = cfg.k
   tx = optax.adam(cfg.lr)
@@ -181,7 +196,7 @@ def make_distill_fns(cfg, s_spec, t_spec):
   def pass_rates(params, key, prompt, answer):
     n = prompt.shape[0]
     rep = jnp.repeat(prompt, k, axis=0)
-    out = generate(params, key, rep, s_spec)
+    out = generate(s_gd, params, key, rep)
     r = correct(out, jnp.repeat(answer, k, axis=0)).reshape(n, k).astype(jnp.float32)
     return P.pass_rate(r)
 
@@ -189,17 +204,17 @@ def make_distill_fns(cfg, s_spec, t_spec):
 
   def loss_fn(params, arm, step, batch, w, key, sd_teacher):
     prompt, ref, t_logits = batch["prompt"], batch["ref"], batch["t_logits"]
-    s_log = answer_logits(params, full_seq(prompt, ref), s_spec)
+    s_log = answer_logits(s_gd, params, full_seq(prompt, ref))
     fkl = D.forward_kl(s_log, t_logits)                           # [B, 5]
     rkl = D.reverse_kl(s_log, t_logits)
     akl = adaptive_kl(s_log, t_logits)
     cross = jnp.select([arm <= 1, arm == 2], [fkl, akl],
                        P.two_stage_loss(fkl, rkl, step, switch_step=switch))
     # Self-distillation: on-policy rollouts, frozen self-teacher with the reference as hint.
-    roll = jax.lax.stop_gradient(generate(params, key, prompt, s_spec))
-    s_on = answer_logits(params, full_seq(prompt, roll), s_spec)
-    t_on = jax.lax.stop_gradient(answer_logits(sd_teacher, hinted_seq(prompt, roll, ref),
-                                               s_spec, offset=1 + ANS))
+    roll = jax.lax.stop_gradient(generate(s_gd, params, key, prompt))
+    s_on = answer_logits(s_gd, params, full_seq(prompt, roll))
+    t_on = jax.lax.stop_gradient(answer_logits(s_gd, sd_teacher, hinted_seq(prompt, roll, ref),
+                                               offset=1 + ANS))
     self_rkl = D.reverse_kl(s_on, t_on)
     per_tok = jnp.where(arm >= 4, self_rkl, cross)
     return P.weighted_sum_and_count(per_tok, w).mean()
@@ -223,50 +238,55 @@ def make_distill_fns(cfg, s_spec, t_spec):
   return refresh, train_chunk, tx, arm_ids
 
 
-def per_problem_grads(params, pool, s_spec, n):
+def per_problem_grads(graphdef, params, pool, n):
   """Per-problem gradients (flattened) of the teacher-forced forward-KL loss, first n problems."""
   def one(prompt, ref, tl):
     def f(p):
-      s_log = answer_logits(p, full_seq(prompt[None], ref[None]), s_spec)
+      s_log = answer_logits(graphdef, p, full_seq(prompt[None], ref[None]))
       return D.forward_kl(s_log, tl[None]).mean()
     g = jax.grad(f)(params)
     return jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
   return jax.jit(jax.vmap(one))(pool["prompt"][:n], pool["ref"][:n], pool["t_logits"][:n])
 
 
-def run_seed(seed, cfg, teacher, t_spec, s_spec, log=print):
+def run_seed(seed, cfg, teacher, log=print):
+  """One seed: student pre-training, teacher references, every arm; ``teacher`` = (graphdef,
+  params)."""
+  t_gd, teacher = teacher
+  progress = cfg.get("progress", True)
   rng = np.random.default_rng(1000 + seed)
   key = jax.random.PRNGKey(seed)
   # Student pre-training: copy (all sizes), additions mostly easy, hinted sequences.
   mix = [("copy", [0.25] * 4, 0.3), ("add", list(cfg.student_ndig_probs), 0.7)]
-  student0 = dec.init_params(jax.random.fold_in(key, 1), s_spec)
-  student0 = train_ce(student0, s_spec, key,
+  s_gd, student0 = init_model(cfg.student, jax.random.fold_in(key, 1))
+  student0 = train_ce(s_gd, student0,
                       lambda s: _mixed_batch(rng, cfg.batch, mix, hinted_frac=0.5),
-                      cfg.student_pretrain_steps, cfg.pretrain_lr, desc=f"student seed {seed}")
+                      cfg.student_pretrain_steps, cfg.pretrain_lr, desc=f"student seed {seed}",
+                      progress=progress)
   pool_np = make_problems(rng, cfg.pool, ndig_probs=[0.25] * 4)
   test = make_problems(rng, cfg.test, ndig_probs=[0.25] * 4)
   copy_test = make_problems(rng, cfg.test, op="copy", ndig_probs=[0.25] * 4)
   prompt = jnp.asarray(pool_np["prompt"])
-  ref = _jit_generate(t_spec, True)(teacher, key, prompt)            # teacher references
-  t_logits = jax.jit(lambda p, s: answer_logits(p, s, t_spec))(teacher, full_seq(prompt, ref))
+  ref = _jit_generate(t_gd, True)(teacher, key, prompt)              # teacher references
+  t_logits = jax.jit(lambda p, s: answer_logits(t_gd, p, s))(teacher, full_seq(prompt, ref))
   pool = {"prompt": prompt, "ref": ref, "t_logits": t_logits}
   ref_ok = float(np.mean(np.asarray(correct(ref, jnp.asarray(pool_np["answer"])))))
 
-  refresh, train_chunk, tx, arm_ids = make_distill_fns(cfg, s_spec, t_spec)
+  refresh, train_chunk, tx, arm_ids = make_distill_fns(cfg, s_gd)
   na = len(ARMS)
   stack = lambda x: jax.tree.map(lambda a: jnp.broadcast_to(a, (na,) + a.shape), x)  # noqa
   params = stack(student0)
   opt = jax.vmap(tx.init)(params)
   keys = jax.random.split(jax.random.fold_in(key, 2), na)
   switch = cfg.steps // 2
-  pre_acc = greedy_accuracy(student0, s_spec, test).mean()
-  pre_copy = greedy_accuracy(student0, s_spec, copy_test).mean()
+  pre_acc = greedy_accuracy(s_gd, student0, test).mean()
+  pre_copy = greedy_accuracy(s_gd, student0, copy_test).mean()
   curves = {a: [(0, float(pre_acc))] for a in ARMS}
   p_hat = None
   p_hat0 = None
   step = 0
   bar = tqdm(total=cfg.steps, desc=f"distill seed {seed} ({len(ARMS)} arms)", leave=False,
-             mininterval=5)
+             mininterval=5, disable=not progress)
   while step < cfg.steps:
     if bool(P.refresh_due(step, every=cfg.refresh_every, switch_step=switch)):
       rk = jax.random.split(jax.random.fold_in(key, 10_000 + step), na)
@@ -282,19 +302,19 @@ def run_seed(seed, cfg, teacher, t_spec, s_spec, log=print):
     bar.update(n)
     for i, a in enumerate(ARMS):
       pi = jax.tree.map(lambda x: x[i], params)  # pylint: disable=cell-var-from-loop
-      curves[a].append((step, float(greedy_accuracy(pi, s_spec, test).mean())))
+      curves[a].append((step, float(greedy_accuracy(s_gd, pi, test).mean())))
   bar.close()
   res = {"pre_acc": float(pre_acc), "pre_copy": float(pre_copy), "ref_acc": ref_ok,
          "p_hat0": p_hat0.tolist(), "curves": curves, "arms": {}}
   nd = test["ndig"]
   for i, a in enumerate(ARMS):
     pi = jax.tree.map(lambda x: x[i], params)  # pylint: disable=cell-var-from-loop
-    acc = greedy_accuracy(pi, s_spec, test)
+    acc = greedy_accuracy(s_gd, pi, test)
     res["arms"][a] = {"acc": float(acc.mean()),
                       "acc_by_ndig": [float(acc[nd == d].mean()) for d in range(1, NDIG + 1)],
-                      "forgetting": float(pre_copy - greedy_accuracy(pi, s_spec, copy_test).mean())}
+                      "forgetting": float(pre_copy - greedy_accuracy(s_gd, pi, copy_test).mean())}
   # Measured cross-problem SNR vs p̂ at the start of distillation.
-  g = per_problem_grads(student0, pool, s_spec, cfg.snr_problems)
+  g = per_problem_grads(s_gd, student0, pool, cfg.snr_problems)
   edges = (jnp.arange(cfg.k + 2) - 0.5) / cfg.k
   snr = P.gradient_snr_by_bin(g, jnp.asarray(p_hat0[:cfg.snr_problems]), bins=edges)
   res["snr"] = np.asarray(snr.snr).tolist()
@@ -304,22 +324,15 @@ def run_seed(seed, cfg, teacher, t_spec, s_spec, log=print):
   return res
 
 
-def train_teacher(cfg, t_spec):
+def train_teacher(cfg):
+  """(graphdef, params) of the teacher trained on ground truth."""
   rng = np.random.default_rng(cfg.seed + 7)
-  teacher = dec.init_params(jax.random.PRNGKey(cfg.seed + 7), t_spec)
+  t_gd, teacher = init_model(cfg.teacher, jax.random.PRNGKey(cfg.seed + 7))
   mix = [("copy", [0.25] * 4, 0.2), ("add", [0.25] * 4, 0.8)]
-  return train_ce(teacher, t_spec, None, lambda s: _mixed_batch(rng, cfg.batch, mix,
-                                                                 hinted_frac=0.05),
-                  cfg.teacher_steps, cfg.teacher_lr, desc="teacher")
-
-
-def mean_ci(x):
-  x = np.asarray(x, np.float64)
-  if x.shape[0] < 2:
-    return float(x.mean()), float("nan")
-  from scipy import stats  # pylint: disable=import-outside-toplevel
-  return float(x.mean()), float(stats.t.ppf(0.975, x.shape[0] - 1) * x.std(ddof=1)
-                                / np.sqrt(x.shape[0]))
+  return t_gd, train_ce(t_gd, teacher, lambda s: _mixed_batch(rng, cfg.batch, mix,
+                                                               hinted_frac=0.05),
+                        cfg.teacher_steps, cfg.teacher_lr, desc="teacher",
+                        progress=cfg.get("progress", True))
 
 
 def summarize(results):
@@ -328,8 +341,9 @@ def summarize(results):
     acc = mean_ci([r["arms"][a]["acc"] for r in results])
     forg = mean_ci([r["arms"][a]["forgetting"] for r in results])
     byd = np.mean([r["arms"][a]["acc_by_ndig"] for r in results], 0)
-    rows.append({"arm": a, "acc": acc[0], "acc_ci95": acc[1], "forgetting": forg[0],
-                 "forg_ci95": forg[1], "acc_by_ndig": byd.tolist()})
+    rows.append({"arm": a, "acc": float(acc[0]), "acc_ci95": float(acc[1]),
+                 "forgetting": float(forg[0]), "forg_ci95": float(forg[1]),
+                 "acc_by_ndig": byd.tolist()})
   return rows
 
 
@@ -340,17 +354,16 @@ def format_rows(rows, results):
   lines = [f"student before distillation: acc {pre:.4f}; teacher reference acc "
            f"{np.mean([r['ref_acc'] for r in results]):.4f}", head, "-" * len(head)]
   for r in rows:
-    lines.append(f"{r['arm']:14s} {r['acc']:.4f} ± {r['acc_ci95']:.4f}      "
-                 f"{' '.join(f'{v:.3f}' for v in r['acc_by_ndig'])}     "
-                 f"{r['forgetting']:+.4f} ± {r['forg_ci95']:.4f}")
+    lines.append(f"{r['arm']:14s} {format_mean_ci(r['acc'], r['acc_ci95'], '.4f'):>22s} "
+                 f"{' '.join(f'{v:.3f}' for v in r['acc_by_ndig']):>26s} "
+                 f"{format_mean_ci(r['forgetting'], r['forg_ci95'], '+.4f'):>26s}")
   return "\n".join(lines)
 
 
 def plot(results, cfg, path):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(11, 4))          # no pyplot: leaves the caller's backend alone
+  ax = fig.subplots(1, 2)
   for a in ARMS:
     c = np.asarray([r["curves"][a] for r in results])      # [seeds, points, 2]
     ax[0].plot(c[0, :, 0], c[:, :, 1].mean(0), marker=".", label=a)
@@ -365,39 +378,51 @@ def plot(results, cfg, path):
             title="measured SNR vs pass rate")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
 
 
 def run(config, workdir):
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  smoke = bool(config.get("smoke", False))
+  if smoke:
+    print(smoke_banner("paced_reasoning"))
   start = time.time()
-  t_spec = dec.Spec(vocab=VOCAB, max_len=HINTED + 2, **dict(config.teacher))
-  s_spec = dec.Spec(vocab=VOCAB, max_len=HINTED + 2, **dict(config.student))
-  tag = "_".join(str(v) for v in t_spec[1:]) + f"_{config.teacher_steps}_{config.seed}"
+  tag = "_".join(str(config.teacher[k]) for k in sorted(config.teacher)) + \
+      f"_{config.teacher_steps}_{config.seed}"
   cache = pathlib.Path(config.get("teacher_cache", "") or workdir / f"teacher_{tag}.pkl")
   if cache.exists():                       # reuse a teacher trained by an earlier run
+    t_gd, template = init_model(config.teacher, jax.random.PRNGKey(config.seed + 7))
     with cache.open("rb") as f:
-      teacher = jax.tree.map(jnp.asarray, pickle.load(f))
+      params = nnx.replace_by_pure_dict(template, jax.tree.map(jnp.asarray, pickle.load(f)))
+    teacher = (t_gd, params)
     print(f"teacher loaded from {cache}")
   else:
-    teacher = train_teacher(config, t_spec)
+    teacher = train_teacher(config)
     with cache.open("wb") as f:
-      pickle.dump(jax.device_get(teacher), f)
-  results = [run_seed(config.seed + s, config, teacher, t_spec, s_spec)
+      pickle.dump(nnx.to_pure_dict(jax.device_get(teacher[1])), f)
+  results = [run_seed(config.seed + s, config, teacher)
              for s in range(config.num_seeds)]
   rows = summarize(results)
   table = format_rows(rows, results)
-  print(f"PACED reasoning: {config.num_seeds} seeds, {config.steps} steps/arm, K={config.k}, "
-        f"pool {config.pool} ({time.time() - start:.0f} s)")
-  print(table)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     snr = np.nanmean(np.asarray([r["snr"] for r in results], np.float64), 0)
-  print("measured SNR per p̂ bin (0..1 step 1/K):", np.array2string(snr, precision=4))
-  out = {"rows": rows, "snr_by_bin": snr.tolist(), "seeds": results,
-         "seconds": time.time() - start}
+  seconds = time.time() - start
+  if smoke:
+    print(f"paced_reasoning pipeline ran: {config.num_seeds} seed(s), {config.steps} steps, arms "
+          f"{', '.join(ARMS)} ({seconds:.0f} s); table.txt and paced_reasoning.json written")
+  else:
+    print(f"PACED reasoning: {config.num_seeds} seeds, {config.steps} steps/arm, K={config.k}, "
+          f"pool {config.pool} ({seconds:.0f} s)")
+    print(table)
+    print("measured SNR per p̂ bin (0..1 step 1/K):", np.array2string(snr, precision=4))
+  out = {"rows": rows, "snr_by_bin": snr.tolist(), "seeds": results, "seconds": seconds,
+         "smoke": smoke}
   (workdir / "paced_reasoning.json").write_text(json.dumps(out))
-  (workdir / "table.txt").write_text(table + "\n")
+  header = smoke_banner("paced_reasoning") + "\n" if smoke else ""
+  (workdir / "table.txt").write_text(header + table + "\n")
   plot(results, config, workdir / "paced_reasoning.png")
+  if smoke:
+    print(smoke_banner("paced_reasoning", end=True))
   return {"rows": rows, "snr_by_bin": snr.tolist(), "table": table}

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.stats import format_mean_ci, mean_ci, smoke_banner
 from kdjax import divergences as D
 from kdjax import pacing as P
 from kdjax.losses import adaptive_kl
@@ -192,15 +193,6 @@ def run_seed(seed, cfg, variants):
   return out
 
 
-def mean_ci(x):
-  x = np.asarray(x, np.float64)
-  n = x.shape[0]
-  if n < 2:
-    return float(x.mean()), float("nan")
-  from scipy import stats  # pylint: disable=import-outside-toplevel
-  return float(x.mean()), float(stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / np.sqrt(n))
-
-
 def variants_from_config(cfg):
   v = [(arm, {"arm": arm, "k": cfg.k}) for arm in cfg.arms]
   for a, b in cfg.ablate_alpha_beta:
@@ -220,9 +212,9 @@ def run_experiment(cfg):
   rows = []
   for name, _ in variants:
     r = out[name]
-    acc, acc_ci = mean_ci(r["acc_a"])
-    pas, pas_ci = mean_ci(r["pass_a"])
-    forg, forg_ci = mean_ci(out["pre_acc_b"] - r["acc_b"])
+    acc, acc_ci = (float(v) for v in mean_ci(r["acc_a"]))
+    pas, pas_ci = (float(v) for v in mean_ci(r["pass_a"]))
+    forg, forg_ci = (float(v) for v in mean_ci(out["pre_acc_b"] - r["acc_b"]))
     rows.append({"variant": name, "heldout_acc": acc, "acc_ci95": acc_ci, "pass_rate": pas,
                  "pass_ci95": pas_ci, "forgetting": forg, "forg_ci95": forg_ci})
   return rows, out
@@ -232,17 +224,18 @@ def format_rows(rows):
   head = f"{'variant':24s} {'held-out acc':>18s} {'E pass rate':>18s} {'forgetting (B)':>18s}"
   lines = [head, "-" * len(head)]
   for r in rows:
-    lines.append(f"{r['variant']:24s} {r['heldout_acc']:.4f} ± {r['acc_ci95']:.4f}    "
-                 f"{r['pass_rate']:.4f} ± {r['pass_ci95']:.4f}    "
-                 f"{r['forgetting']:+.4f} ± {r['forg_ci95']:.4f}")
+    lines.append(f"{r['variant']:24s} {format_mean_ci(r['heldout_acc'], r['acc_ci95'], '.4f'):>18s} "
+                 f"{format_mean_ci(r['pass_rate'], r['pass_ci95'], '.4f'):>18s} "
+                 f"{format_mean_ci(r['forgetting'], r['forg_ci95'], '+.4f'):>18s}")
   return "\n".join(lines)
 
 
-def plot(out, rows, cfg, path):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+def plot(out, rows, cfg, path=None):
+  """Accuracy curves, the pass-rate spread and the measured SNR; saved to ``path`` if given."""
+  del rows
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(15, 4))          # no pyplot: leaves the caller's backend alone
+  ax = fig.subplots(1, 3)
   for arm in cfg.arms:
     c = np.asarray(out[arm]["curve_a"]).mean(0)
     ax[0].plot(np.arange(1, c.shape[0] + 1), c, label=arm)
@@ -259,29 +252,40 @@ def plot(out, rows, cfg, path):
     ax[2].errorbar(centers, np.nanmean(snr, 0), yerr=np.nanstd(snr, 0), marker="o")
   ax[2].set(xlabel="p̂ bin", ylabel="cross-problem gradient SNR", title="measured SNR vs p̂")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  if path is not None:
+    fig.savefig(path, dpi=100)
+  return fig
 
 
 def run(config, workdir):
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  smoke = bool(config.get("smoke", False))
+  if smoke:
+    print(smoke_banner("paced_tabular"))
   start = time.time()
   rows, out = run_experiment(config)
   table = format_rows(rows)
-  print(f"PACED tabular: {config.num_seeds} seeds, {config.steps} steps, K={config.k}, "
-        f"{config.num_contexts} contexts ({time.time() - start:.1f} s)")
-  print(table)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)   # empty p̂ bins are NaN
     snr = np.nanmean(np.asarray(out["snr"]), 0)
-  print("measured SNR per p̂ bin (0..1 step 1/K):", np.array2string(snr, precision=4))
+  if smoke:
+    print(f"paced_tabular pipeline ran: {len(rows)} variants, {config.num_seeds} seeds, "
+          f"{config.steps} steps ({time.time() - start:.1f} s); table.txt written")
+  else:
+    print(f"PACED tabular: {config.num_seeds} seeds, {config.steps} steps, K={config.k}, "
+          f"{config.num_contexts} contexts ({time.time() - start:.1f} s)")
+    print(table)
+    print("measured SNR per p̂ bin (0..1 step 1/K):", np.array2string(snr, precision=4))
   result = {"rows": rows, "snr_by_bin": snr.tolist(),
             "pre_acc_a": float(np.mean(out["pre_acc_a"])),
             "pre_acc_b": float(np.mean(out["pre_acc_b"])),
-            "seconds": time.time() - start}
+            "seconds": time.time() - start, "smoke": smoke}
   (workdir / "paced_tabular.json").write_text(json.dumps(result, indent=1))
-  (workdir / "table.txt").write_text(table + "\n")
+  header = smoke_banner("paced_tabular") + "\n" if smoke else ""
+  (workdir / "table.txt").write_text(header + table + "\n")
   if config.get("plot", True):
     plot(out, rows, config, os.fspath(workdir / "paced_tabular.png"))
+  if smoke:
+    print(smoke_banner("paced_tabular", end=True))
   return result
