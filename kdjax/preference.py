@@ -5,7 +5,8 @@ ADPO minimises, per context x with a finite candidate set S_x = {y_1, ..., y_P},
 .. math:: \mathcal L = -\sum_i q_i \log \tilde p_i,\qquad
           \tilde p = \mathrm{softmax}(u),\quad u_i = (\ell_i - \ell^{\rm ref}_i)/\tau,
 
-with student log-probs ℓ, anchor log-probs ℓ_ref and a target distribution q. It equals
+with student log-probs ℓ, anchor log-probs ℓ_ref, the anchor temperature τ (keyword
+``temperature``) and a target distribution q. It equals
 KL(q ‖ p̃) + H(q); its gradient in ℓ is (p̃ − q)/τ and its Hessian in ℓ is
 (Diag(p̃) − p̃p̃ᵀ)/τ² (the "implicit trust region"). It contains SFT, Hinton KD, max-ent RL, DPO
 and soft DPO as special cases (see theory/adpo.md, all checked numerically).
@@ -18,6 +19,12 @@ Conventions (all functions):
 * ``where`` may have the candidate shape (False removes a candidate from the group: the softmax
   and the target are renormalised over the rest) or the batch shape (False gives value 0 and
   gradient 0 for the whole group). A group with no valid candidate gives 0, never NaN.
+  ``where`` is boolean (a float mask is a ``TypeError``) and broadcastable to the input.
+* A candidate whose log-prob (student or anchor) or anchored logit is ``-inf`` drops out of its
+  group exactly as if ``where`` removed it (value and gradient finite; the target is
+  renormalised over the rest). NaN is never treated as missing: it propagates to the output.
+* Concrete inputs are validated (targets must be distributions, pair labels in [0, 1], every
+  entry of an array hyper-parameter in range); traced values are not checked.
 * Hyper-parameters are keyword-only. Computed in float32 (float64 if an input is float64).
 * Labels: [paper] = the paper / the author's LaTeX draft / the author's code
   (github.com/wk222/verlm ``verl/trainer/adpo/core_algos.py``); [proposed] = kdjax's choice.
@@ -29,9 +36,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import _checks
-from kdjax import divergences as D
+from kdjax import _logspace
+from kdjax import policy
 
 Array = jax.Array
 
@@ -67,12 +76,15 @@ AUTHOR_CLIP_U = 10.0
 
 
 def _prep(name: str, x: Any, *others: tuple[str, Any]):
-  """Validates arrays of one shape (rank >= 1) and casts them to the compute dtype."""
+  """Validates arrays of one shape (rank >= 1, no concrete +inf) and casts them to the compute
+  dtype."""
   arrs = [_checks.check_array(name, x)]
   for n, o in others:
     a = _checks.check_array(n, o)
     _checks.check_same_shape(name, arrs[0], n, a)
     arrs.append(a)
+  for n, a in [(name, x)] + list(others):
+    _checks.check_no_posinf(n, a)
   dtype = _checks.compute_dtype(*arrs)
   return [a.astype(dtype) for a in arrs]
 
@@ -85,6 +97,12 @@ def _masks(where, shape):
   return cand, batch
 
 
+def _u_masks(where, u):
+  """As :func:`_masks`, with -inf anchored logits removed from the candidate mask."""
+  cand, batch = _masks(where, u.shape)
+  return cand & _logspace.valid_entries(u), batch
+
+
 def _finish(values: Array, cand: Array, batch: Array | None) -> Array:
   keep = jnp.any(cand, axis=-1)
   if batch is not None:
@@ -92,39 +110,86 @@ def _finish(values: Array, cand: Array, batch: Array | None) -> Array:
   return jnp.where(keep, values, 0.0)
 
 
-def _safe_log(p: Array) -> Array:
-  pos = p > 0
-  return jnp.where(pos, jnp.log(jnp.where(pos, p, 1.0)), -jnp.inf)
-
-
 def _renormalise(q: Array, cand: Array) -> Array:
+  """q restricted to the valid candidates and renormalised; an all-zero row stays 0 (NaN
+  propagates)."""
   q = jnp.where(cand, q, 0.0)
   s = jnp.sum(q, axis=-1, keepdims=True)
-  return jnp.where(s > 0, q / jnp.where(s > 0, s, 1.0), 0.0)
+  return jnp.where(s == 0, 0.0, q / jnp.where(s == 0, 1.0, s))
 
 
-def _masked_lse(x: Array, mask: Array, axis: int = -1) -> Array:
-  """log Σ_{mask} exp(x) along ``axis``; -inf for an empty row, gradient 0 there (no NaN)."""
-  safe = jnp.where(mask, x, 0.0)
-  m = jnp.max(jnp.where(mask, safe, -jnp.inf), axis=axis, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  tot = jnp.sum(jnp.where(mask, jnp.exp(jnp.where(mask, safe - m, 0.0)), 0.0), axis=axis,
-                keepdims=True)
-  nonempty = tot > 0
-  out = jnp.where(nonempty, jnp.log(jnp.where(nonempty, tot, 1.0)) + m, -jnp.inf)
-  return jnp.squeeze(out, axis)
+def _entropy(log_q: Array) -> Array:
+  """−Σ q log q over the last axis (0·log 0 = 0; NaN propagates)."""
+  pos = log_q != -jnp.inf
+  lq = jnp.where(pos, log_q, 0.0)
+  return -jnp.sum(jnp.where(pos, jnp.exp(lq) * lq, 0.0), axis=-1)
 
 
-def _scalars_or_arrays(*named):
-  """Validates numeric inputs of any rank (scalars too), broadcasts them, casts to float."""
+def _check_target(name: str, q: Any, cand: Array, batch: Array | None) -> None:
+  """A concrete target must be a distribution over the candidates: entries >= 0 and every row
+  of a kept group summing to 1 (NaN entries are not checked: they propagate)."""
+  arr = _checks.concrete_array(q)
+  if arr is None or arr.size == 0:
+    return
+  arr = arr.astype(np.float64)
+  if np.any(arr < 0):
+    raise ValueError(f"`{name}` must be a probability vector over the candidates (entries "
+                     f">= 0), got a minimum of {np.nanmin(arr):.4g}.")
+  sums = arr.sum(axis=-1)
+  keep = np.ones(sums.shape, bool)
+  c = _checks.concrete_array(cand)
+  if c is not None:
+    keep &= c.any(axis=-1)
+  if batch is not None:
+    b = _checks.concrete_array(batch)
+    if b is not None:
+      keep &= b
+  bad = keep & ~np.isnan(sums) & (np.abs(sums - 1.0) > 1e-3)
+  if np.any(bad):
+    raise ValueError(f"`{name}` must sum to 1 over the candidate axis (a probability vector), "
+                     f"got sums {np.unique(np.round(sums[bad], 4))[:4].tolist()}.")
+
+
+def _check_unit_entries(name: str, x: Any) -> None:
+  """Concrete data in [0, 1] (NaN passes: it propagates)."""
+  arr = _checks.concrete_array(x)
+  if arr is None or arr.size == 0:
+    return
+  arr = arr.astype(np.float64)
+  if np.any((arr < 0) | (arr > 1)):
+    raise ValueError(f"`{name}` must lie in [0, 1], got values in "
+                     f"[{np.nanmin(arr):.4g}, {np.nanmax(arr):.4g}].")
+
+
+def _temperature(name: str, value: Any, batch_shape: tuple[int, ...], dtype) -> Array:
+  """A positive temperature, scalar or one per group (``[...]`` or ``[..., 1]``), returned as
+  ``[*batch, 1]``."""
+  _checks.check_positive(name, value)
+  v = jnp.asarray(value, dtype)
+  if v.ndim == len(batch_shape) + 1 and v.ndim and v.shape[-1] == 1:
+    v = v[..., 0]
+  return _checks.per_position(name, v, tuple(batch_shape), -1, dtype)
+
+
+def _log_ratio(a: Array, b: Array) -> tuple[Array, Array]:
+  """(a − b, ok) with ok = both entries not -inf; the difference is 0 (and NaN-free in the
+  gradient) where not ok."""
+  ok = _logspace.valid_entries(a) & _logspace.valid_entries(b)
+  return jnp.where(ok, a, 0.0) - jnp.where(ok, b, 0.0), ok
+
+
+def _same_shape_or_scalar(*named):
+  """Validates numeric inputs that share one shape (0-d inputs broadcast); casts to float."""
   arrs = [_checks.check_array(n, x, min_rank=0) for n, x in named]
-  try:
-    arrs = jnp.broadcast_arrays(*arrs)
-  except ValueError as e:
-    shapes = ", ".join(f"`{n}` {a.shape}" for (n, _), a in zip(named, arrs))
-    raise ValueError(f"inputs must broadcast to one shape, got {shapes}.") from e
+  shapes = {a.shape for a in arrs if a.ndim}
+  if len(shapes) > 1:
+    got = ", ".join(f"`{n}` {a.shape}" for (n, _), a in zip(named, arrs))
+    raise ValueError(f"inputs must share one shape (scalars broadcast), got {got}.")
+  shape = shapes.pop() if shapes else ()
+  for (n, x), a in zip(named, arrs):
+    _checks.check_no_posinf(n, x)
   dtype = _checks.compute_dtype(*arrs)
-  return [a.astype(dtype) for a in arrs]
+  return [jnp.broadcast_to(a.astype(dtype), shape) for a in arrs]
 
 
 def _check_scores(name, scores, shape):
@@ -138,31 +203,35 @@ def _check_scores(name, scores, shape):
 # ----------------------------------------------------------------------------- core objective
 
 
-def anchored_logits(logp: Array, logp_ref: Array, *, tau: Any = 1.0) -> Array:
-  r"""u = (ℓ − ℓ_ref)/τ, the anchored logits [paper]. ``tau`` may be per-group (``[...]``)."""
-  _checks.check_positive("tau", tau)
+def anchored_logits(logp: Array, logp_ref: Array, *, temperature: Any = 1.0) -> Array:
+  r"""u = (ℓ − ℓ_ref)/τ, the anchored logits [paper, arXiv:2510.18913].
+
+  ``temperature`` is τ > 0, a scalar or one value per group (``[...]``). A candidate with
+  ℓ = −inf or ℓ_ref = −inf gets u = −inf (it drops out of every ADPO loss).
+  """
   lp, lr = _prep("logp", logp, ("logp_ref", logp_ref))
-  t = jnp.asarray(tau, lp.dtype)
-  if t.ndim:
-    t = t[..., None]
-  return (lp - lr) / t
+  t = _temperature("temperature", temperature, lp.shape[:-1], lp.dtype)
+  d, ok = _log_ratio(lp, lr)
+  return jnp.where(ok, d / t, -jnp.inf)
 
 
 def anchored_ce(u: Array, q: Array, *, where: Array | None = None) -> Array:
   r"""CE(q, softmax(u)) = −Σ_i q_i log softmax(u)_i on anchored logits ``u`` [paper].
 
-  Computed as KL(q ‖ softmax(u)) + H(q) with :func:`kdjax.divergences.kl_from_log`. The target
-  is renormalised over the valid candidates. Gradient in u: softmax(u) − q.
+  Computed as KL(q ‖ softmax(u)) + H(q). ``q`` must be a distribution over the candidates
+  (checked when concrete); it is renormalised over the valid candidates (``where`` and u ≠ −inf).
+  Gradient in u: softmax(u) − q.
   """
   u, q = _prep("u", u, ("q", q))
-  cand, batch = _masks(where, u.shape)
-  log_p = D.log_softmax(u, where=cand)
-  log_q = _safe_log(_renormalise(q, cand))
-  values = D.kl_from_log(log_q, log_p) + D.entropy_from_log(log_q)
+  cand, batch = _u_masks(where, u)
+  _check_target("q", q, cand, batch)
+  log_p = _logspace.masked_log_softmax(u, where=cand)
+  log_q = _logspace.safe_log(_renormalise(q, cand))
+  values = _logspace.plogratio(log_q, log_p, -1) + _entropy(log_q)
   return _finish(values, cand, batch)
 
 
-def adpo_loss(logp: Array, logp_ref: Array, q: Array, *, tau: Any = 1.0,
+def adpo_loss(logp: Array, logp_ref: Array, q: Array, *, temperature: Any = 1.0,
               where: Array | None = None) -> Array:
   r"""The general ADPO loss, per group [paper, arXiv:2510.18913 v6 Eq. (1)].
 
@@ -174,43 +243,49 @@ def adpo_loss(logp: Array, logp_ref: Array, q: Array, *, tau: Any = 1.0,
       per-group shift cancels, so unnormalised scores work too).
     logp_ref: anchor log-probs ℓ_ref, same shape (stop-gradient it for a frozen anchor; use
       zeros for the uniform anchor).
-    q: target distribution over the candidates, same shape (see the ``*_target`` helpers).
-    tau: anchor temperature τ > 0 (= 1/β of DPO); a scalar or one value per group.
+    q: target distribution over the candidates, same shape (see the ``*_target`` helpers);
+      a concrete ``q`` with a negative entry or a row not summing to 1 is a ``ValueError``.
+    temperature: the anchor temperature τ > 0 (= 1/β of DPO); a scalar or one value per group.
     where: candidate mask (``[..., P]``) or group mask (``[...]``).
 
   Returns:
-    ``[...]`` per-group loss. Special cases (theory/adpo.md): SFT (q one-hot, uniform anchor,
-    τ=1), KD (q = softmax(z_T/T), uniform anchor, τ=T), max-ent RL (q = softmax(Q/α)), DPO (P=2,
-    q=(1,0), τ=1/β), soft DPO (q=(q_w, 1−q_w)).
+    ``[...]`` per-group loss. A candidate with ℓ or ℓ_ref = −inf drops out (as if masked).
+    Special cases (theory/adpo.md): SFT (q one-hot, uniform anchor, τ=1), KD (q = softmax(z_T/T),
+    uniform anchor, τ=T), max-ent RL (q = softmax(Q/α)), DPO (P=2, q=(1,0), τ=1/β), soft DPO
+    (q=(q_w, 1−q_w)).
   """
-  return anchored_ce(anchored_logits(logp, logp_ref, tau=tau), q, where=where)
+  return anchored_ce(anchored_logits(logp, logp_ref, temperature=temperature), q, where=where)
 
 
-def adpo_kl(logp: Array, logp_ref: Array, q: Array, *, tau: Any = 1.0,
+def adpo_kl(logp: Array, logp_ref: Array, q: Array, *, temperature: Any = 1.0,
             where: Array | None = None) -> Array:
-  r"""J = KL(q ‖ softmax((ℓ − ℓ_ref)/τ)) [paper]: :func:`adpo_loss` minus H(q) (same gradient)."""
-  u = anchored_logits(logp, logp_ref, tau=tau)
+  r"""J = KL(q ‖ softmax((ℓ − ℓ_ref)/τ)) [paper]: :func:`adpo_loss` minus H(q) (same gradient).
+  τ is ``temperature``."""
+  u = anchored_logits(logp, logp_ref, temperature=temperature)
   u, q = _prep("u", u, ("q", q))
-  cand, batch = _masks(where, u.shape)
-  values = D.kl_from_log(_safe_log(_renormalise(q, cand)), D.log_softmax(u, where=cand))
+  cand, batch = _u_masks(where, u)
+  _check_target("q", q, cand, batch)
+  values = _logspace.plogratio(_logspace.safe_log(_renormalise(q, cand)),
+                               _logspace.masked_log_softmax(u, where=cand), -1)
   return _finish(values, cand, batch)
 
 
 # ----------------------------------------------------------------------------- sequences
 
 
-def sequence_log_prob(token_logp: Array, mask: Array, *, length_normalize: bool = True
-                      ) -> Array:
+def sequence_log_prob(token_logp: Array, *, where: Array | None = None,
+                      length_normalize: bool = True) -> Array:
   r"""Sequence score s = mean_t log π(y_t|·) over response tokens (sum if not normalised).
 
-  The author's code uses the length-normalised mean [paper, code]. ``token_logp``/``mask`` are
-  ``[..., T]``; returns ``[...]``. An empty response scores 0.
+  The author's code uses the length-normalised mean [paper, code]. ``token_logp`` is
+  ``[..., T]``; ``where`` a boolean token mask broadcastable to it (None: every token); returns
+  ``[...]``. An empty response scores 0.
   """
   lp = _checks.check_array("token_logp", token_logp)
-  m = jnp.asarray(mask)
-  if m.shape != lp.shape:
-    raise ValueError(f"`mask` must have the shape of `token_logp` {lp.shape}, got {m.shape}.")
-  m = m.astype(bool)
+  _checks.check_no_posinf("token_logp", token_logp)
+  m = _checks.check_where(where, lp.shape)
+  if m is None:
+    m = jnp.ones(lp.shape, bool)
   dtype = _checks.compute_dtype(lp)
   total = jnp.sum(jnp.where(m, lp.astype(dtype), 0.0), axis=-1)
   if not length_normalize:
@@ -219,94 +294,96 @@ def sequence_log_prob(token_logp: Array, mask: Array, *, length_normalize: bool 
   return jnp.where(n > 0, total / jnp.maximum(n, 1).astype(dtype), 0.0)
 
 
-def anchored_scores(seq_logp: Array, seq_logp_ref: Array, *, tau: Any = 1.0,
+def anchored_scores(seq_logp: Array, seq_logp_ref: Array, *, temperature: Any = 1.0,
                     clip_ratio: float | None = None, clip_u: float | None = None) -> Array:
-  r"""Anchored logits for sequences: u = clip(clip(s − s_ref, ±c_r)/τ, ±c_u).
+  r"""Anchored logits for sequences: u = clip(clip(s − s_ref, ±c_r)/τ, ±c_u), τ = ``temperature``.
 
   The author's code clips with c_r = 5, c_u = 10 (:data:`AUTHOR_CLIP_RATIO`,
   :data:`AUTHOR_CLIP_U`) [paper, code]. Design choice (kdjax) [proposed]: no clipping by default,
   because clipping zeroes the gradient of saturated candidates and breaks the exact identities
-  of theory/adpo.md; pass the author's values to reproduce the code.
+  of theory/adpo.md; pass the author's values to reproduce the code. A candidate with s or
+  s_ref = −inf gets u = −inf (it drops out).
   """
   if clip_ratio is not None:
     _checks.check_positive("clip_ratio", clip_ratio)
   if clip_u is not None:
     _checks.check_positive("clip_u", clip_u)
-  _checks.check_positive("tau", tau)
   s, sr = _prep("seq_logp", seq_logp, ("seq_logp_ref", seq_logp_ref))
-  ratio = s - sr
+  t = _temperature("temperature", temperature, s.shape[:-1], s.dtype)
+  ratio, ok = _log_ratio(s, sr)
   if clip_ratio is not None:
     ratio = jnp.clip(ratio, -clip_ratio, clip_ratio)
-  t = jnp.asarray(tau, s.dtype)
-  u = ratio / (t[..., None] if t.ndim else t)
+  u = ratio / t
   if clip_u is not None:
     u = jnp.clip(u, -clip_u, clip_u)
-  return u
+  return jnp.where(ok, u, -jnp.inf)
 
 
 def mean_abs_logratio(seq_logp: Array, seq_logp_ref: Array, *, where: Array | None = None
                       ) -> Array:
   r"""mean_i |s_i − s_ref,i| per group: what the author's code logs as "anchor KL" (a proxy,
-  not a KL) [paper, code]; named honestly here [proposed]."""
+  not a KL) [paper, code]; named honestly here [proposed]. −inf candidates drop out."""
   s, sr = _prep("seq_logp", seq_logp, ("seq_logp_ref", seq_logp_ref))
   cand, batch = _masks(where, s.shape)
+  d, ok = _log_ratio(s, sr)
+  cand = cand & ok
   n = jnp.sum(cand, axis=-1)
-  v = jnp.sum(jnp.where(cand, jnp.abs(s - sr), 0.0), axis=-1) / jnp.maximum(n, 1)
+  v = jnp.sum(jnp.where(cand, jnp.abs(d), 0.0), axis=-1) / jnp.maximum(n, 1)
   return _finish(v, cand, batch)
 
 
-def k3_kl_penalty(token_logp: Array, token_logp_ref: Array, mask: Array) -> Array:
+def k3_kl_penalty(token_logp: Array, token_logp_ref: Array, *,
+                  where: Array | None = None) -> Array:
   r"""k3 estimator mean_t[e^{ℓ_ref−ℓ} − (ℓ_ref − ℓ) − 1] ≥ 0 per sequence [paper, code]
-  (weight β_kl, default 0 in the author's code). Shapes ``[..., T]`` → ``[...]``."""
+  (weight β_kl, default 0 in the author's code). Shapes ``[..., T]`` → ``[...]``; ``where`` is
+  a boolean token mask broadcastable to them. A token with ℓ or ℓ_ref = −inf drops out of the
+  mean (finite value and gradient); a sequence without tokens gives 0."""
   lp, lr = _prep("token_logp", token_logp, ("token_logp_ref", token_logp_ref))
-  m = jnp.asarray(mask, bool)
-  d = jnp.where(m, lr - lp, 0.0)
-  k3 = jnp.where(m, jnp.exp(d) - d - 1.0, 0.0)
-  n = jnp.sum(m, axis=-1)
+  m = _checks.check_where(where, lp.shape)
+  d, ok = _log_ratio(lr, lp)
+  if m is not None:
+    ok = ok & m
+  d = jnp.where(ok, d, 0.0)
+  k3 = jnp.where(ok, jnp.exp(d) - d - 1.0, 0.0)
+  n = jnp.sum(ok, axis=-1)
   return jnp.sum(k3, axis=-1) / jnp.maximum(n, 1)
 
 
 # ----------------------------------------------------------------------------- targets
 
 
-def group_zscore(rewards: Array, *, where: Array | None = None, eps: float = 1e-8) -> Array:
-  r"""Group-relative advantages A_i = (r_i − mean r)/std r over the candidate axis [paper, code].
+def group_zscore(rewards: Array, *, where: Array | None = None, eps: Any = 1e-8) -> Array:
+  r"""Group-relative advantages A_i = (r_i − mean r)/(std r + ε) over the candidate axis
+  [paper, code]: :func:`kdjax.policy.group_relative_advantages` with the Bessel-corrected std
+  (``ddof=1``) of the author's code.
 
-  Bessel-corrected std; a std below ``eps`` or a singleton group uses std = 1 (the author's
-  code). Masked candidates get A = 0.
+  A constant or singleton group gives A = 0 (also at ε = 0); masked candidates get A = 0 and a
+  group mask gives 0 for the whole group. NaN rewards propagate to their group.
   """
-  (r,) = _prep("rewards", rewards)
-  cand, _ = _masks(where, r.shape)
-  n = jnp.sum(cand, axis=-1, keepdims=True).astype(r.dtype)
-  mean = jnp.sum(jnp.where(cand, r, 0.0), axis=-1, keepdims=True) / jnp.maximum(n, 1)
-  dev = jnp.where(cand, r - mean, 0.0)
-  var = jnp.sum(dev**2, axis=-1, keepdims=True) / jnp.maximum(n - 1, 1)
-  std = jnp.sqrt(var)
-  std = jnp.where((std < eps) | (n < 2), 1.0, std)
-  return jnp.where(cand, dev / std, 0.0)
+  return policy.group_relative_advantages(rewards, ddof=1, eps=eps, where=where)
 
 
 def target_from_rewards(rewards: Array, *, beta_r: Any = 0.3, zscore: bool = True,
                         where: Array | None = None) -> Array:
   r"""Listwise target q = softmax(A/β_r), A = z-scored group rewards [paper, Alg. 1].
 
-  β_r = 0.3 in the author's later code (0.5 in the first code and the LLM run). With
-  ``zscore=False`` the raw rewards are used (softmax(r/β_r), a Boltzmann target). Masked
-  candidates get q = 0.
+  β_r = 0.3 in the author's later code (0.5 in the first code and the LLM run); a scalar or one
+  value per group. With ``zscore=False`` the raw rewards are used (softmax(r/β_r), a Boltzmann
+  target). Masked candidates get q = 0; a NaN reward makes its group's target NaN.
   """
-  _checks.check_positive("beta_r", beta_r)
   (r,) = _prep("rewards", rewards)
+  beta = _temperature("beta_r", beta_r, r.shape[:-1], r.dtype)
   cand, _ = _masks(where, r.shape)
   a = group_zscore(r, where=cand) if zscore else r
-  return jnp.exp(D.log_softmax(a / jnp.asarray(beta_r, r.dtype), where=cand))
+  return jnp.exp(_logspace.masked_log_softmax(a / beta, where=cand))
 
 
 def bradley_terry_target(r_w: Array, r_l: Array, *, beta_r: Any = 1.0) -> Array:
   r"""Bradley–Terry soft label for a pair: q = (σ((r_w − r_l)/β_r), σ((r_l − r_w)/β_r)) on a new
   trailing axis of size 2 [paper, Table 1]."""
   _checks.check_positive("beta_r", beta_r)
-  rw, rl = _scalars_or_arrays(("r_w", r_w), ("r_l", r_l))
-  d = (rw - rl) / beta_r
+  rw, rl = _same_shape_or_scalar(("r_w", r_w), ("r_l", r_l))
+  d = (rw - rl) / jnp.asarray(beta_r, rw.dtype)
   return jnp.stack([jax.nn.sigmoid(d), jax.nn.sigmoid(-d)], axis=-1)
 
 
@@ -314,34 +391,41 @@ def pair_labels(scores: Array, *, beta_r: Any = None) -> Array:
   r"""Pairwise labels q_ij ∈ [0, 1] for every ordered pair, shape ``[..., P, P]``.
 
   Soft (β_r given): q_ij = σ((r_i − r_j)/β_r) [proposed]. Hard (β_r None): 1[r_i > r_j], and 1/2
-  for ties.
+  for ties. A NaN score gives NaN labels for its pairs.
   """
   (r,) = _prep("scores", scores)
   d = r[..., :, None] - r[..., None, :]
   if beta_r is None:
-    return jnp.where(d > 0, 1.0, jnp.where(d < 0, 0.0, 0.5)).astype(r.dtype)
+    hard = jnp.where(d > 0, 1.0, jnp.where(d < 0, 0.0, 0.5)).astype(r.dtype)
+    return jnp.where(jnp.isnan(d), jnp.nan, hard)
   _checks.check_positive("beta_r", beta_r)
-  return jax.nn.sigmoid(d / beta_r)
+  return jax.nn.sigmoid(d / jnp.asarray(beta_r, r.dtype))
 
 
 def one_hot_winner(scores: Array, *, where: Array | None = None) -> Array:
-  """One-hot target on argmax of ``scores`` among the valid candidates (SFT / top-1) [paper]."""
+  """One-hot target on argmax of ``scores`` among the valid candidates (SFT / top-1) [paper].
+
+  A NaN among the valid scores makes the group's target NaN (it is never picked or skipped).
+  """
   (s,) = _prep("scores", scores)
   cand, _ = _masks(where, s.shape)
-  idx = jnp.argmax(jnp.where(cand, s, -jnp.inf), axis=-1)
+  has_nan = jnp.any(cand & jnp.isnan(s), axis=-1, keepdims=True)
+  idx = jnp.argmax(jnp.where(cand & ~jnp.isnan(s), s, -jnp.inf), axis=-1)
   oh = jax.nn.one_hot(idx, s.shape[-1], dtype=s.dtype)
-  return jnp.where(jnp.any(cand, axis=-1, keepdims=True), oh, 0.0)
+  oh = jnp.where(jnp.any(cand, axis=-1, keepdims=True), oh, 0.0)
+  return jnp.where(has_nan, jnp.nan, oh)
 
 
 def teacher_target(teacher_logits: Array, *, temperature: Any = 1.0,
                    where: Array | None = None) -> Array:
   """Teacher distribution q = softmax(z_T/T) over the candidates (KD, max-ent: z_T = Q,
-  T = α) [paper, Table 1]. Stop-gradiented."""
-  _checks.check_positive("temperature", temperature)
+  T = α) [paper, Table 1]; T scalar or one per group. Stop-gradiented."""
   (z,) = _prep("teacher_logits", teacher_logits)
+  t = _temperature("temperature", temperature, z.shape[:-1], z.dtype)
   cand, _ = _masks(where, z.shape)
-  return jax.lax.stop_gradient(
-      jnp.exp(D.log_softmax(z / jnp.asarray(temperature, z.dtype), where=cand)))
+  zt = jnp.where(_logspace.valid_entries(z), z, 0.0) / t
+  zt = jnp.where(_logspace.valid_entries(z), zt, -jnp.inf)
+  return jax.lax.stop_gradient(jnp.exp(_logspace.masked_log_softmax(zt, where=cand)))
 
 
 def positive_reward_groups(rewards: Array, *, where: Array | None = None) -> Array:
@@ -361,24 +445,25 @@ def adpo_direct_loss(u: Array, q: Array, *, center: bool = True,
   [paper, code]. Equal to :func:`anchored_ce` in value and gradient (the centring only changes
   logged values)."""
   u, q = _prep("u", u, ("q", q))
-  cand, batch = _masks(where, u.shape)
+  cand, batch = _u_masks(where, u)
+  _check_target("q", q, cand, batch)
   qn = _renormalise(q, cand)
   uu = jnp.where(cand, u, 0.0)
   if center:
     uu = uu - jax.lax.stop_gradient(jnp.sum(qn * uu, axis=-1, keepdims=True))
-  values = -jnp.sum(qn * uu, axis=-1) + _masked_lse(uu, cand)
+  values = -jnp.sum(qn * uu, axis=-1) + _logspace.masked_logsumexp(uu, where=cand)
   return _finish(values, cand, batch)
 
 
 def adpo_top1_loss(u: Array, order_scores: Array, *, where: Array | None = None) -> Array:
   r"""Top-1-vs-rest (the code's ``infonce``): −u_{i*} + logsumexp(u), i* = argmax of
-  ``order_scores`` (e.g. advantages) [paper, code and Table 1]."""
+  ``order_scores`` (e.g. advantages) among the valid candidates [paper, code and Table 1]."""
   (uu,) = _prep("u", u)
   s = _check_scores("order_scores", order_scores, uu.shape)
-  cand, batch = _masks(where, uu.shape)
+  cand, batch = _u_masks(where, uu)
   oh = one_hot_winner(s, where=cand).astype(uu.dtype)
   uu = jnp.where(cand, uu, 0.0)
-  values = -jnp.sum(oh * uu, axis=-1) + _masked_lse(uu, cand)
+  values = -jnp.sum(oh * uu, axis=-1) + _logspace.masked_logsumexp(uu, where=cand)
   return _finish(values, cand, batch)
 
 
@@ -400,7 +485,7 @@ def adpo_pairwise_loss(u: Array, order_scores: Array, *, where: Array | None = N
   """
   (uu,) = _prep("u", u)
   s = _check_scores("order_scores", order_scores, uu.shape)
-  cand, batch = _masks(where, uu.shape)
+  cand, batch = _u_masks(where, uu)
   uu = jnp.where(cand, uu, 0.0)
   pm = (s[..., :, None] > s[..., None, :]) & cand[..., :, None] & cand[..., None, :]
   d = uu[..., :, None] - uu[..., None, :]
@@ -416,8 +501,9 @@ def adpo_soft_pairwise_loss(u: Array, q_pairs: Array, *, reduce_pairs: str = "me
   .. math:: -\sum_{i<j}\big[q_{ij}\log\sigma(u_i-u_j) + (1-q_{ij})\log\sigma(u_j-u_i)\big]
 
   over valid pairs, divided by their number when ``reduce_pairs="mean"`` (default) or summed
-  (``"sum"``, the formula as written). ``q_pairs`` ``[..., P, P]`` from :func:`pair_labels`
-  (only i < j is read). With q_ij ∈ {0, 1} and no ties it equals :func:`adpo_pairwise_loss`.
+  (``"sum"``, the formula as written). ``q_pairs`` ``[..., P, P]`` in [0, 1] from
+  :func:`pair_labels` (only i < j is read; concrete values outside [0, 1] raise). With
+  q_ij ∈ {0, 1} and no ties it equals :func:`adpo_pairwise_loss`.
   """
   if reduce_pairs not in ("mean", "sum"):
     raise ValueError(f"`reduce_pairs` must be 'mean' or 'sum', got {reduce_pairs!r}.")
@@ -425,8 +511,9 @@ def adpo_soft_pairwise_loss(u: Array, q_pairs: Array, *, reduce_pairs: str = "me
   qp = _checks.check_array("q_pairs", q_pairs, min_rank=2)
   if qp.shape != uu.shape + uu.shape[-1:]:
     raise ValueError(f"`q_pairs` must have shape {uu.shape + uu.shape[-1:]}, got {qp.shape}.")
+  _check_unit_entries("q_pairs", q_pairs)
   qp = qp.astype(uu.dtype)
-  cand, batch = _masks(where, uu.shape)
+  cand, batch = _u_masks(where, uu)
   p = uu.shape[-1]
   upper = jnp.triu(jnp.ones((p, p), bool), k=1)
   pm = upper & cand[..., :, None] & cand[..., None, :]
@@ -441,8 +528,8 @@ def adpo_soft_pairwise_loss(u: Array, q_pairs: Array, *, reduce_pairs: str = "me
 
 
 def adpo_plackett_luce_loss(u: Array, order_scores: Array, *, top_k: int | None = None,
-                            poly_eps: float = 0.0, label_smoothing: float = 0.0,
-                            temperature: float = 1.0, where: Array | None = None) -> Array:
+                            poly_eps: Any = 0.0, label_smoothing: Any = 0.0,
+                            temperature: Any = 1.0, where: Array | None = None) -> Array:
   r"""Plackett–Luce / ListMLE variant (the code's ``plackett_luce``) [paper, code].
 
   Sort the valid candidates by ``order_scores`` descending (σ); the loss is
@@ -453,34 +540,34 @@ def adpo_plackett_luce_loss(u: Array, order_scores: Array, *, top_k: int | None 
   K = G − 1 (G valid candidates), or min(top_k, G − 1) with ``top_k``. Extras of later
   commits (off by default here; the author's later defaults are ``top_k=3, poly_eps=1,
   label_smoothing=0.1``): Poly-1 ℓ_k + ε(1 − e^{−ℓ_k}); label smoothing
-  (1−ε)ℓ_k + ε(logsumexp_{j≥k}u − mean_{j≥k}u); u/temperature first. Ties in the scores keep
-  the candidates' order (stable sort).
+  (1−ε)ℓ_k + ε(logsumexp_{j≥k}u − mean_{j≥k}u); u/τ first (τ = ``temperature``, scalar or per
+  group). ``poly_eps``, ``label_smoothing`` and ``temperature`` may be traced (no Python branch
+  on their values). Ties in the scores keep the candidates' order (stable sort).
   """
-  if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-    raise ValueError(f"`top_k` must be a positive int or None, got {top_k!r}.")
-  if poly_eps < 0:
-    raise ValueError(f"`poly_eps` must be >= 0, got {poly_eps!r}.")
+  if top_k is not None:
+    top_k = _checks.check_int("top_k", top_k, low=1)
+  _checks.check_nonneg("poly_eps", poly_eps)
   _checks.check_unit_interval("label_smoothing", label_smoothing)
-  _checks.check_positive("temperature", temperature)
   (uu,) = _prep("u", u)
+  t = _temperature("temperature", temperature, uu.shape[:-1], uu.dtype)
   s = _check_scores("order_scores", order_scores, uu.shape)
-  cand, batch = _masks(where, uu.shape)
+  cand, batch = _u_masks(where, uu)
   # Valid candidates first, by score descending (stable).
   key = jnp.where(cand, -s.astype(uu.dtype), jnp.inf)
   order = jnp.argsort(key, axis=-1, stable=True)
-  us = jnp.take_along_axis(jnp.where(cand, uu, 0.0) / temperature, order, axis=-1)
+  us = jnp.take_along_axis(jnp.where(cand, uu, 0.0) / t, order, axis=-1)
   vs = jnp.take_along_axis(cand, order, axis=-1)
   p = uu.shape[-1]
   suffix = jnp.triu(jnp.ones((p, p), bool))  # suffix[k, j] = j >= k
   smask = suffix & vs[..., None, :]
-  lse = _masked_lse(jnp.broadcast_to(us[..., None, :], smask.shape), smask)
+  lse = _logspace.masked_logsumexp(jnp.broadcast_to(us[..., None, :], smask.shape), where=smask)
+  lse = jnp.where(vs, lse, 0.0)
   lk = jnp.where(vs, lse - us, 0.0)
-  if label_smoothing:
-    cnt = jnp.sum(smask, axis=-1)
-    mean_suf = jnp.sum(jnp.where(smask, us[..., None, :], 0.0), axis=-1) / jnp.maximum(cnt, 1)
-    lk = (1 - label_smoothing) * lk + label_smoothing * jnp.where(vs, lse - mean_suf, 0.0)
-  if poly_eps:
-    lk = lk + poly_eps * (1.0 - jnp.exp(-lk))
+  ls = jnp.asarray(label_smoothing, uu.dtype)
+  cnt = jnp.sum(smask, axis=-1)
+  mean_suf = jnp.sum(jnp.where(smask, us[..., None, :], 0.0), axis=-1) / jnp.maximum(cnt, 1)
+  lk = (1 - ls) * lk + ls * jnp.where(vs, lse - mean_suf, 0.0)
+  lk = lk + jnp.asarray(poly_eps, uu.dtype) * (1.0 - jnp.exp(-lk))
   g = jnp.sum(vs, axis=-1, keepdims=True)
   k_max = g - 1 if top_k is None else jnp.minimum(g - 1, top_k)
   pos = jnp.arange(p)
@@ -490,27 +577,38 @@ def adpo_plackett_luce_loss(u: Array, order_scores: Array, *, top_k: int | None 
   return _finish(jnp.where(n > 0, total / jnp.maximum(n, 1), 0.0), cand, batch)
 
 
-def adpo_softmax_variant_loss(logp: Array, logp_ref: Array, q: Array, *, tau: Any = 1.0,
-                              a_c: float = 1.0, b_c: float = 0.0, c_c: float = 0.0,
-                              scale: float = 1.0, where: Array | None = None) -> Array:
+def adpo_softmax_variant_loss(logp: Array, logp_ref: Array, q: Array, *, temperature: Any = 1.0,
+                              a_c: Any = 1.0, b_c: Any = 0.0, c_c: Any = 0.0,
+                              scale: Any = 1.0, where: Array | None = None) -> Array:
   r"""The code's ``softmax`` variant: CE(q, softmax(u')), u' = (ℓ − A_c ℓ_ref − B_c q − C_c)/τ
-  [paper, code]. A_c = 1, B_c = C_c = 0 is :func:`adpo_loss`; A_c = 0 is "SFT-like"; the
-  ``scaled`` variant is ``scale=20`` (gradient scale only)."""
+  (τ = ``temperature``) [paper, code]. A_c = 1, B_c = C_c = 0 is :func:`adpo_loss`; A_c = 0 is
+  "SFT-like"; the ``scaled`` variant is ``scale=20`` (gradient scale only). A candidate with
+  ℓ = −inf (or ℓ_ref = −inf with A_c ≠ 0) drops out."""
+  for n, v in (("a_c", a_c), ("b_c", b_c), ("c_c", c_c), ("scale", scale)):
+    _checks.check_range(n, v)
   lp, lr, qq = _prep("logp", logp, ("logp_ref", logp_ref), ("q", q))
-  _checks.check_positive("tau", tau)
-  t = jnp.asarray(tau, lp.dtype)
-  u = (lp - a_c * lr - b_c * qq - c_c) / (t[..., None] if t.ndim else t)
+  t = _temperature("temperature", temperature, lp.shape[:-1], lp.dtype)
+  ac = jnp.asarray(a_c, lp.dtype)
+  ref_ok = _logspace.valid_entries(lr)
+  ok = _logspace.valid_entries(lp) & (ref_ok | (ac == 0))
+  lp_s = jnp.where(ok, lp, 0.0)
+  lr_s = jnp.where(ok & ref_ok, lr, 0.0)
+  u = (lp_s - ac * lr_s - b_c * qq - c_c) / t
+  u = jnp.where(ok, u, -jnp.inf)
   return scale * anchored_ce(u, qq, where=where)
 
 
 def z_loss(u: Array, *, where: Array | None = None, group_where: Array | None = None) -> Array:
   r"""(mean over groups of logsumexp u)² — the author's z-loss before its coefficient c
-  [paper, code]. A batch statistic by definition, so it returns a scalar (``group_where`` masks
-  groups; ``where`` masks candidates)."""
+  [paper, code]. A batch statistic by definition, so it returns a scalar (``group_where``, a
+  boolean mask of the group shape, masks groups; ``where`` masks candidates)."""
   (uu,) = _prep("u", u)
-  cand, batch = _masks(where, uu.shape)
-  lse = jnp.where(jnp.any(cand, -1), _masked_lse(jnp.where(cand, uu, 0.0), cand), 0.0)
-  gw = jnp.any(cand, -1) if group_where is None else jnp.any(cand, -1) & group_where
+  cand, batch = _u_masks(where, uu)
+  gw = jnp.any(cand, -1)
+  lse = jnp.where(gw, _logspace.masked_logsumexp(jnp.where(cand, uu, 0.0), where=cand), 0.0)
+  g = _checks.check_where(group_where, gw.shape, name="group_where")
+  if g is not None:
+    gw = gw & g
   if batch is not None:
     gw = gw & batch
   from kdjax import reductions  # pylint: disable=import-outside-toplevel
@@ -520,29 +618,45 @@ def z_loss(u: Array, *, where: Array | None = None, group_where: Array | None = 
 # ----------------------------------------------------------------------------- DPO
 
 
+def _pair_margin(logp_w, logp_l, logp_ref_w, logp_ref_l, beta, extra=()):
+  """β[(ℓ_w − ℓ_ref,w) − (ℓ_l − ℓ_ref,l)] and ok = no input is −inf (the pair drops out)."""
+  _checks.check_positive("beta", beta)
+  arrs = _same_shape_or_scalar(("logp_w", logp_w), ("logp_l", logp_l),
+                               ("logp_ref_w", logp_ref_w), ("logp_ref_l", logp_ref_l), *extra)
+  w, l, rw, rl = arrs[:4]
+  b = jnp.asarray(beta, w.dtype)
+  if b.ndim and jnp.broadcast_shapes(b.shape, w.shape) != w.shape:
+    raise ValueError(f"`beta` must be a scalar or broadcastable to the pair shape {w.shape}, "
+                     f"got shape {b.shape}.")
+  dw, ok_w = _log_ratio(w, rw)
+  dl, ok_l = _log_ratio(l, rl)
+  ok = ok_w & ok_l
+  return jnp.where(ok, b * (dw - dl), 0.0), ok, arrs[4:]
+
+
 def dpo_loss(logp_w: Array, logp_l: Array, logp_ref_w: Array, logp_ref_l: Array, *,
              beta: Any = 0.1) -> Array:
   r"""DPO: −log σ(β[(ℓ_w − ℓ_ref,w) − (ℓ_l − ℓ_ref,l)]) per pair (Rafailov et al.,
   arXiv:2305.18290) [paper]. Independent implementation; :func:`adpo_loss` with P = 2,
-  q = (1, 0), τ = 1/β equals it (checked in theory/adpo.md)."""
-  _checks.check_positive("beta", beta)
-  w, l, rw, rl = _scalars_or_arrays(("logp_w", logp_w), ("logp_l", logp_l),
-                                    ("logp_ref_w", logp_ref_w), ("logp_ref_l", logp_ref_l))
-  return jax.nn.softplus(-beta * ((w - rw) - (l - rl)))
+  q = (1, 0), τ = 1/β equals it (checked in theory/adpo.md).
+
+  The four inputs share one shape (0-d inputs broadcast; other shape mismatches raise). A pair
+  with a −inf log-prob drops out (value 0, gradient 0), as the −inf candidate does in
+  :func:`adpo_loss`.
+  """
+  d, ok, _ = _pair_margin(logp_w, logp_l, logp_ref_w, logp_ref_l, beta)
+  return jnp.where(ok, jax.nn.softplus(-d), 0.0)
 
 
 def soft_dpo_loss(logp_w: Array, logp_l: Array, logp_ref_w: Array, logp_ref_l: Array,
                   q_w: Array, *, beta: Any = 0.1) -> Array:
   r"""Soft-label DPO / Bradley–Terry: −q_w log σ(Δ) − (1 − q_w) log σ(−Δ),
-  Δ = β[(ℓ_w − ℓ_ref,w) − (ℓ_l − ℓ_ref,l)] [paper, Table 1]. q_w ∈ [0, 1]."""
-  _checks.check_positive("beta", beta)
-  w, l, rw, rl, qw = _scalars_or_arrays(("logp_w", logp_w), ("logp_l", logp_l),
-                                        ("logp_ref_w", logp_ref_w), ("logp_ref_l", logp_ref_l),
-                                        ("q_w", q_w))
-  if not isinstance(qw, jax.core.Tracer) and bool(jnp.any((qw < 0) | (qw > 1))):
-    raise ValueError("`q_w` must lie in [0, 1].")
-  d = beta * ((w - rw) - (l - rl))
-  return qw * jax.nn.softplus(-d) + (1 - qw) * jax.nn.softplus(d)
+  Δ = β[(ℓ_w − ℓ_ref,w) − (ℓ_l − ℓ_ref,l)] [paper, Table 1]. q_w ∈ [0, 1] (checked when
+  concrete). Shapes and −inf as in :func:`dpo_loss`."""
+  _check_unit_entries("q_w", q_w)
+  d, ok, (qw,) = _pair_margin(logp_w, logp_l, logp_ref_w, logp_ref_l, beta,
+                              extra=(("q_w", q_w),))
+  return jnp.where(ok, qw * jax.nn.softplus(-d) + (1 - qw) * jax.nn.softplus(d), 0.0)
 
 
 # ----------------------------------------------------------------------------- anchors
@@ -561,10 +675,16 @@ def on_policy_anchor(params_ref, params):  # pylint: disable=unused-argument
 
 
 def ema_anchor(params_ref, params, *, decay: Any = 0.99):
-  r"""EMA anchor θ_ref ← a θ_ref + (1 − a) θ, a pytree map [paper, code; a = 0.99]."""
+  r"""EMA anchor θ_ref ← a θ_ref + (1 − a) θ, a pytree map [paper, code; a = 0.99].
+
+  The same update as ``optax.incremental_update(params, params_ref, step_size=1 - decay)``
+  (kdjax does not depend on optax; tests check the equality), with θ stop-gradiented.
+  ``decay`` ∈ [0, 1] (every entry when an array; traced values are unchecked).
+  """
   _checks.check_unit_interval("decay", decay)
+  step = 1 - decay
   return jax.tree.map(
-      lambda r, p: decay * r + (1 - decay) * jax.lax.stop_gradient(p), params_ref, params)
+      lambda p, r: step * jax.lax.stop_gradient(p) + (1 - step) * r, params, params_ref)
 
 
 def copy_if(do_copy: Array, params_ref, params):
@@ -574,9 +694,12 @@ def copy_if(do_copy: Array, params_ref, params):
 
 
 def periodic_anchor(params_ref, params, step: Array, *, every: int):
-  """Offline + periodic anchor: hard copy every ``every`` steps (N is not published) [paper]."""
-  if not isinstance(every, int) or every < 1:
-    raise ValueError(f"`every` must be a positive int, got {every!r}.")
+  """Offline + periodic anchor: hard copy every ``every`` steps (N is not published) [paper].
+
+  The same update as ``optax.periodic_update(params, params_ref, step, every)`` (a select
+  instead of a ``cond``, so it also works under ``vmap``), with θ stop-gradiented.
+  """
+  every = _checks.check_int("every", every, low=1)
   return copy_if(jnp.asarray(step) % every == 0, params_ref, params)
 
 
@@ -588,8 +711,8 @@ class KLWindow(NamedTuple):
 
 
 def kl_window_init(size: int = 10, dtype=jnp.float32) -> KLWindow:
-  if not isinstance(size, int) or size < 1:
-    raise ValueError(f"`size` must be a positive int, got {size!r}.")
+  """An empty window of ``size`` anchor-KL values."""
+  size = _checks.check_int("size", size, low=1)
   return KLWindow(jnp.zeros((size,), dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
 
@@ -600,7 +723,8 @@ def kl_triggered(window: KLWindow, new_kl: Array, *, threshold: Any = 0.1,
   copy with :func:`copy_if`. Design choice (kdjax) [proposed]: the window is emptied after a
   copy (the new anchor starts a fresh history).
   """
-  size = window.values.shape[0] if size is None else size
+  _checks.check_range("threshold", threshold)
+  size = window.values.shape[0] if size is None else _checks.check_int("size", size, low=1)
   if size != window.values.shape[0]:
     raise ValueError(f"`size`={size} does not match the window's {window.values.shape[0]}.")
   vals = window.values.at[window.head].set(jnp.asarray(new_kl, window.values.dtype))
@@ -618,68 +742,85 @@ def normalized_entropy(logits: Array, *, where: Array | None = None) -> Array:
   r"""H(softmax(z))/log V ∈ [0, 1] over the last axis (a Smooth-Hybrid input) [paper, code]."""
   (z,) = _prep("logits", logits)
   cand, _ = _masks(where, z.shape)
-  lp = D.log_softmax(z, where=cand)
+  cand = cand & _logspace.valid_entries(z)
+  lp = _logspace.masked_log_softmax(z, where=cand)
   v = jnp.sum(cand, axis=-1).astype(z.dtype)
-  h = D.entropy_from_log(lp)
+  h = _entropy(lp)
   return jax.lax.stop_gradient(
       jnp.clip(jnp.where(v > 1, h / jnp.log(jnp.maximum(v, 2)), 0.0), 0.0, 1.0))
 
 
 def minmax_normalize(x: Array, *, where: Array | None = None) -> Array:
-  """(x − min)/(max − min) over the whole array (masked), 0.5 if all equal [paper, code]."""
-  x = jnp.asarray(x)
-  keep = jnp.ones(x.shape, bool) if where is None else jnp.asarray(where, bool)
+  """(x − min)/(max − min) over the whole array (masked), 0.5 if all equal [paper, code].
+  NaN among the kept entries propagates."""
+  x = _checks.check_array("x", x, min_rank=0)
+  keep = _checks.check_where(where, x.shape)
+  if keep is None:
+    keep = jnp.ones(x.shape, bool)
   lo = jnp.min(jnp.where(keep, x, jnp.inf))
   hi = jnp.max(jnp.where(keep, x, -jnp.inf))
   rng = hi - lo
   ok = jnp.isfinite(rng) & (rng > 0)
-  return jax.lax.stop_gradient(jnp.where(ok, (x - lo) / jnp.where(ok, rng, 1.0), 0.5))
+  out = jnp.where(ok, (x - lo) / jnp.where(ok, rng, 1.0), 0.5)
+  return jax.lax.stop_gradient(jnp.where(jnp.isnan(rng), jnp.nan, out))
 
 
-def tau_entropy_rule(q: Array, *, tau_base: float = 0.8, a: float = 0.5,
-                     tau_min: float = 0.05, where: Array | None = None) -> Array:
+def tau_entropy_rule(q: Array, *, tau_base: Any = 0.8, a: Any = 0.5,
+                     tau_min: Any = 0.05, where: Array | None = None) -> Array:
   r"""Entropy-of-target rule τ(x) = max(τ_min, τ_base(1 − a H(q)/log G)), per group, under
   stop-gradient [paper, code: first verl commit; defaults 0.8, 0.5, 0.05]. Sharp targets get a
-  larger τ. G = number of valid candidates (H/log G := 0 for G = 1)."""
+  larger τ. G = number of valid candidates (H/log G := 0 for G = 1). Pass the result as
+  ``temperature=`` of the losses."""
   for n, v in (("tau_base", tau_base), ("tau_min", tau_min)):
     _checks.check_positive(n, v)
+  _checks.check_range("a", a)
   (qq,) = _prep("q", q)
   cand, _ = _masks(where, qq.shape)
   qq = _renormalise(qq, cand)
   g = jnp.sum(cand, axis=-1).astype(qq.dtype)
-  h = D.entropy_from_log(_safe_log(qq))
+  h = _entropy(_logspace.safe_log(qq))
   hn = jnp.where(g > 1, h / jnp.log(jnp.maximum(g, 2)), 0.0)
   return jax.lax.stop_gradient(jnp.maximum(tau_min, tau_base * (1 - a * hn)))
 
 
-def tau_smooth_hybrid(h_norm: Array, r_norm: Array, *, tau_base: float = 0.8, a: float = 0.5,
-                      b: float = 0.5, tau_min: float = 0.05, tau_max: float = 5.0) -> Array:
+def tau_smooth_hybrid(h_norm: Array, r_norm: Array, *, tau_base: Any = 0.8, a: Any = 0.5,
+                      b: Any = 0.5, tau_min: Any = 0.05, tau_max: Any = 5.0) -> Array:
   r"""Smooth Hybrid τ = clamp(τ_base(1 + aH̄ + b(1 − H̄)(1 − R)), τ_min, τ_max) [paper, LaTeX
   Eq. 8; code defaults a = b = 0.5, τ_min = 0.05, τ_max = 5]. H̄ (normalised entropy) and R
   (min–max normalised reward, :func:`minmax_normalize`) are clamped to [0, 1]. Stop-gradient."""
   _checks.check_positive("tau_base", tau_base)
-  if not tau_min <= tau_max:
+  for n, v in (("a", a), ("b", b), ("tau_min", tau_min)):
+    _checks.check_range(n, v)
+  _checks.check_range("tau_max", tau_max, allow_inf=True)
+  lo, hi = _checks.concrete_array(tau_min), _checks.concrete_array(tau_max)
+  if lo is not None and hi is not None and np.any(lo > hi):
     raise ValueError(f"`tau_min` ({tau_min}) must be <= `tau_max` ({tau_max}).")
-  h = jnp.clip(jnp.asarray(h_norm), 0.0, 1.0)
-  r = jnp.clip(jnp.asarray(r_norm), 0.0, 1.0)
+  h = jnp.clip(_checks.check_array("h_norm", h_norm, min_rank=0), 0.0, 1.0)
+  r = jnp.clip(_checks.check_array("r_norm", r_norm, min_rank=0), 0.0, 1.0)
   tau = tau_base * (1 + a * h + b * (1 - h) * (1 - r))
   return jax.lax.stop_gradient(jnp.clip(tau, tau_min, tau_max))
 
 
-def tau_batch_scalar(s: Array, s_ref: Array, adv: Array, *, tau: float = 1.0, a: float = 0.2,
-                     b: float = 0.5, log_vocab: float, tau_lo: float = 0.2,
-                     tau_hi: float = 1.5, where: Array | None = None) -> Array:
+def tau_batch_scalar(s: Array, s_ref: Array, adv: Array, *, temperature: Any = 1.0,
+                     a: Any = 0.2, b: Any = 0.5, log_vocab: Any, tau_lo: Any = 0.2,
+                     tau_hi: Any = 1.5, where: Array | None = None) -> Array:
   r"""Batch-scalar rule (verl HEAD, off by default) [paper, code]:
   h_static = mean clamp(−s_ref/log V, 0, 1); conf = 1 − mean clamp(−s/log V, 0, 1);
-  ρ = 2 mean(minmax(A)) − 1; τ_eff = clamp(τ(1 + a h_static + b conf (−ρ)), 0.2, 1.5).
-  ``s``, ``s_ref`` are length-normalised sequence log-probs; returns a stop-gradiented scalar."""
+  ρ = 2 mean(minmax(A)) − 1; τ_eff = clamp(τ(1 + a h_static + b conf (−ρ)), 0.2, 1.5), with
+  the base τ = ``temperature``. ``s``, ``s_ref`` are length-normalised sequence log-probs;
+  returns a stop-gradiented scalar."""
   _checks.check_positive("log_vocab", log_vocab)
-  _checks.check_positive("tau", tau)
-  s, sr, ad = [jnp.asarray(x) for x in (s, s_ref, adv)]
-  keep = jnp.ones(s.shape, bool) if where is None else jnp.asarray(where, bool)
+  _checks.check_positive("temperature", temperature)
+  for n, v in (("a", a), ("b", b), ("tau_lo", tau_lo), ("tau_hi", tau_hi)):
+    _checks.check_range(n, v)
+  s, sr, ad = [_checks.check_array(n, x, min_rank=0)
+               for n, x in (("s", s), ("s_ref", s_ref), ("adv", adv))]
+  keep = _checks.check_where(where, s.shape)
+  if keep is None:
+    keep = jnp.ones(s.shape, bool)
   from kdjax import reductions  # pylint: disable=import-outside-toplevel
   h_static = reductions.masked_mean(jnp.clip(-sr / log_vocab, 0, 1), where=keep)
   conf = 1 - reductions.masked_mean(jnp.clip(-s / log_vocab, 0, 1), where=keep)
   rho = 2 * reductions.masked_mean(minmax_normalize(ad, where=keep), where=keep) - 1
-  t = tau * (1 + a * h_static + b * conf * (-rho))
+  t = temperature * (1 + a * h_static + b * conf * (-rho))
   return jax.lax.stop_gradient(jnp.clip(t, tau_lo, tau_hi))

@@ -41,8 +41,8 @@ def _maxabs(a, b):
 # ----------------------------------------------------------------------------- reductions
 
 # One jitted call per check (eager dispatch of many small ops dominates otherwise).
-_loss = jax.jit(lambda lp, lr, q, tau: P.adpo_loss(lp, lr, q, tau=tau))
-_loss_grads = jax.jit(jax.grad(lambda lp, lr, q, tau: P.adpo_loss(lp, lr, q, tau=tau).sum(),
+_loss = jax.jit(lambda lp, lr, q, tau: P.adpo_loss(lp, lr, q, temperature=tau))
+_loss_grads = jax.jit(jax.grad(lambda lp, lr, q, tau: P.adpo_loss(lp, lr, q, temperature=tau).sum(),
                                (0, 1)))
 _dpo = jax.jit(jax.value_and_grad(
     lambda lp, lr, beta: P.dpo_loss(lp[:, 0], lp[:, 1], lr[:, 0], lr[:, 1], beta=beta).sum(),
@@ -108,9 +108,9 @@ def _kd_reduction():
   zs, zt = _logits(rng, n, 32), _logits(rng, n, 32)
   q = _softmax(zt / t[:, None])
   ce = -(q * np.log(_softmax(zs / t[:, None]))).sum(-1)
-  f = lambda z: P.adpo_loss(jax.nn.log_softmax(z), jnp.zeros_like(z), q, tau=t)
+  f = lambda z: P.adpo_loss(jax.nn.log_softmax(z), jnp.zeros_like(z), q, temperature=t)
   g_adpo = jax.jit(jax.grad(lambda z: f(z).sum()))(zs)
-  g_kd = jax.jit(jax.grad(lambda z: D.forward_kl(z, zt, temperature=t[:, None]).sum()))(zs)
+  g_kd = jax.jit(jax.grad(lambda z: D.forward_kl(z, zt, temperature=t).sum()))(zs)
   worst = max(_maxabs(jax.jit(f)(zs), ce), _maxabs(g_adpo, g_kd))
   return Result(measured=worst, tolerance=1e-8, detail="Hinton KD without the T^2 factor")
 
@@ -137,7 +137,7 @@ def _optimise_free_logits(q, lref, tau):
   since the Hessian is <= 1/(2 tau^2)), then 20 Newton steps on the autodiff Hessian (+ 1 1^T
   on the null direction, which leaves the step in 1-perp unchanged)."""
   def loss1(l, lr_, q_, t_):
-    return P.adpo_loss(l, lr_, q_, tau=t_)
+    return P.adpo_loss(l, lr_, q_, temperature=t_)
 
   grad1 = jax.grad(loss1)
   hess1 = jax.hessian(loss1)
@@ -234,7 +234,7 @@ def _grad_formula():
 
 # Batched Hessian in l of the per-group loss: [n, P] inputs, per-group tau [n] -> [n, P, P].
 _hess_batch = jax.jit(jax.vmap(jax.hessian(
-    lambda l, lr, q, t: P.adpo_loss(l, lr, q, tau=t))))
+    lambda l, lr, q, t: P.adpo_loss(l, lr, q, temperature=t))))
 
 
 def _fisher(pt):
@@ -299,7 +299,7 @@ def _curv_ratio():
           "[2.8, 3.2] over |d| in [1e-4, 1e-2]", doc=f"{_DOC}#trust-region")
 def _kl_cubic():
   rng = _rng(11)
-  kl_fn = jax.jit(lambda lp, lr, q, t: P.adpo_kl(lp, lr, q, tau=t))
+  kl_fn = jax.jit(lambda lp, lr, q, t: P.adpo_kl(lp, lr, q, temperature=t))
   scales = np.logspace(-4, -2, 7)
   slopes = []
   for p in (4, 8):
@@ -363,7 +363,7 @@ def _on_policy():
   worst = 0.0
   tau = _per_group((0.5, 1.0, 2.0), _B)
   grad_fn = jax.jit(jax.grad(
-      lambda l, q, t: P.adpo_loss(l, jax.lax.stop_gradient(l), q, tau=t).sum()))
+      lambda l, q, t: P.adpo_loss(l, jax.lax.stop_gradient(l), q, temperature=t).sum()))
   for g in _PS:
     lp = _logits(rng, tau.size, g)
     q = np.asarray(P.target_from_rewards(rng.normal(size=(tau.size, g)), beta_r=0.3))
@@ -398,8 +398,8 @@ def _variant_direct():
     val, grad = _direct_vg(u, q)
     worst = max(worst, _maxabs(val, ce), _maxabs(grad, _softmax(u) - q))
     lp, lr = _logits(rng, _B, p), _logits(rng, _B, p)
-    worst = max(worst, _maxabs(P.adpo_softmax_variant_loss(lp, lr, q, tau=0.8),
-                               P.adpo_loss(lp, lr, q, tau=0.8)))
+    worst = max(worst, _maxabs(P.adpo_softmax_variant_loss(lp, lr, q, temperature=0.8),
+                               P.adpo_loss(lp, lr, q, temperature=0.8)))
   return Result(measured=worst, tolerance=1e-8)
 
 
@@ -553,7 +553,7 @@ def _tau_rule3():
   keep = np.arange(n)[None] < rng.integers(1, n + 1, size=(nb, 1))  # batch sizes 1..32
   tau = np.exp(rng.uniform(-3, 3, size=nb))
   fn = jax.jit(jax.vmap(lambda s_, sr_, a_, t_, w_: P.tau_batch_scalar(
-      s_, sr_, a_, tau=t_, a=0.2, b=0.5, log_vocab=float(np.log(32000)), where=w_)))
+      s_, sr_, a_, temperature=t_, a=0.2, b=0.5, log_vocab=float(np.log(32000)), where=w_)))
   t = np.asarray(fn(s, sr, adv, tau, keep))
   lo, hi = float(t.min()), float(t.max())
   return Result(measured=max(0.2 - lo, hi - 1.5, 0.0), tolerance=0.0,
@@ -581,8 +581,8 @@ def _tau_sg():
   @jax.jit
   def grads(x, tau_const):
     adaptive = jax.grad(lambda y: P.adpo_loss(
-        y, lr, q, tau=P.tau_entropy_rule(jax.nn.softmax(y))).sum())(x)
-    const = jax.grad(lambda y: P.adpo_loss(y, lr, q, tau=tau_const).sum())(x)
+        y, lr, q, temperature=P.tau_entropy_rule(jax.nn.softmax(y))).sum())(x)
+    const = jax.grad(lambda y: P.adpo_loss(y, lr, q, temperature=tau_const).sum())(x)
     return adaptive, const
 
   ga, gc = grads(lp, np.asarray(P.tau_entropy_rule(jax.nn.softmax(lp))))
