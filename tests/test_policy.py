@@ -100,3 +100,65 @@ def test_extremes_and_errors():
     P.trrd_loss(z[0], z[0], 1.0, clip_eps=0.0)
   with pytest.raises(ValueError, match="same shape"):
     P.gopd_objective(z, z, np.zeros((2, 4)))
+
+
+# ----------------------------------------------------------------------------- regressions
+
+
+def test_token_ids_checked_or_dropped():  # N10
+  s = jnp.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+  for bad in ([0, 5], [0, -1]):
+    with pytest.raises(ValueError, match="tokens"):
+      P.token_log_probs(s, jnp.array(bad))
+    with pytest.raises(ValueError, match="tokens"):
+      P.teacher_mixed_importance_weights(s, s, jnp.array(bad))
+  out = jax.jit(P.token_log_probs)(s, jnp.array([0, 5]))
+  assert float(out[1]) == 0.0 and np.isfinite(float(out[0]))
+  g = jax.jit(jax.grad(lambda z: P.token_log_probs(z, jnp.array([0, -1])).sum()))(s)
+  assert np.all(np.asarray(g)[1] == 0)
+  w = jax.jit(P.teacher_mixed_importance_weights)(s, s, jnp.array([1, 7]))
+  assert float(w[1]) == 0.0
+
+
+def test_trrd_finite_for_large_log_ratio():  # N20
+  v, g = _vg(lambda x: P.trrd_loss(x, jnp.array([-100.0]), jnp.array([-1.0])).sum())(
+      jnp.array([0.0]))
+  assert np.isfinite(float(v)) and np.all(np.isfinite(np.asarray(g)))
+
+
+def test_gopd_minus_inf_and_nan():  # N19, N1
+  ls = jnp.array([-1.0, -jnp.inf, -2.0])
+  lt = jnp.array([-1.5, -jnp.inf, -jnp.nan])
+  r = np.asarray(P.gopd_token_rewards(ls, lt, jnp.array([-1.0, -jnp.inf, -1.0])))
+  assert r[1] == 0.0 and np.isfinite(r[0]) and np.isnan(r[2])
+  mix = np.asarray(P.trrd_mix_log_probs(jnp.array([jnp.nan, -1.0]), jnp.array([-1.0, -1.0])))
+  assert np.isnan(mix[0])
+
+
+def test_hyper_parameters_checked_elementwise():  # N3
+  z = np.zeros((2, 3))
+  with pytest.raises(ValueError, match="temperature"):
+    P.teacher_mixed_log_probs(z, z, temperature=0.0)
+  with pytest.raises(ValueError, match="alpha"):
+    P.teacher_mixed_log_probs(z, z, alpha=np.array([0.2, 1.5]))
+  with pytest.raises(ValueError, match="lam"):
+    P.trrd_mix_log_probs(z, z, lam=np.array([0.5, -0.1, 0.5]))
+  with pytest.raises(ValueError, match="ddof"):
+    P.group_relative_advantages(z, ddof=-1)
+  with pytest.raises(ValueError, match="alpha"):
+    P.aligndistil_teacher_logits(z, z, alpha=np.ones(3))   # N24: wrong shape names alpha
+  with pytest.raises(ValueError, match="sampling_weights"):
+    P.minillm_token_reverse_kl(z, z, sampling_weights=np.ones(3))
+
+
+def test_group_relative_advantages_contract():  # A6, N25
+  r = jnp.array([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0]])
+  a = np.asarray(P.group_relative_advantages(r, eps=0.0))
+  np.testing.assert_allclose(a[0], (np.arange(1, 5) - 2.5) / np.std(np.arange(1.0, 5)), rtol=1e-6)
+  assert np.all(a[1] == 0)   # eps = 0, constant group: 0, not NaN
+  g = jax.grad(lambda x: P.group_relative_advantages(x, eps=0.0).sum())(r)
+  assert np.all(np.isfinite(np.asarray(g)))
+  b = P.group_relative_advantages(r, where=jnp.array([True, False]))
+  assert np.all(np.asarray(b)[1] == 0)
+  np.testing.assert_allclose(b, P.group_relative_advantages(r, where=jnp.array([[True], [False]])))
+  assert np.isnan(np.asarray(P.group_relative_advantages(r.at[0, 0].set(jnp.nan)))[0]).all()
