@@ -453,6 +453,7 @@ EXEMPT = {
     # module tests.
     "SumAndCount": "a (sum, count) pytree", "TaidState": "state container", "KLWindow": "state container",
     "Projection": "container of two functions", "AxiomReport": "report container",
+    "FixedPointResult": "result container of fixed_point(return_residual=True)",
     "BinnedSNR": "result container", "SelfDistillPredictor": "built by self_distill_predictor",
     "TeacherCacheWriter": "file I/O (tests/test_teacher_cache.py)",
     "TeacherCache": "file I/O (tests/test_teacher_cache.py)",

@@ -54,7 +54,7 @@ def _kl(lp, lq):
 
 
 def _meta(lp0, lq, alpha, kind, beta=None, temperature=None):
-  return ops.meta_teacher(lp0, lq, alpha=alpha, kind=kind, beta=beta, temperature=temperature)
+  return ops.meta_teacher(lp0, lq, alpha=alpha, kind=kind, power=beta, temperature=temperature)
 
 
 # ----------------------------------------------------------------------------- M1, M2
@@ -265,7 +265,7 @@ def _geo_conv():
   worst_bound, worst_slope, closed = -np.inf, -np.inf, 0.0
   for kind, beta in (("arithmetic", None), ("geometric", None), ("power", 0.5)):
     run = jax.vmap(lambda x, y, al: ops.recurse(x, y, alpha=al, steps=50, kind=kind,
-                                                beta=beta))
+                                                power=beta))
     traj = run(lp0, lq0, jnp.asarray(a))                               # [n, 51, K]
     kl = _kl(lp0[:, None], traj)                                        # [n, 51]
     c = (1 - a)[:, None]

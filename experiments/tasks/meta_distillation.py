@@ -219,7 +219,7 @@ def run(config, workdir) -> dict[str, Any]:
       for t in range(1, int(config.generations) + 1):
         # Target M_α(p0, q_{t−1}) on the student's training inputs, in log space.
         log_m = np.asarray(meta_teacher(jnp.asarray(lp0_tr), jnp.asarray(lq_tr), alpha=a,
-                                        kind=config.kind, beta=beta))
+                                        kind=config.kind, power=beta))
         # Every generation (and α) re-initialises the student from the same seed with the same
         # batch order, so the target is the only thing that changes along and across chains.
         params = train_generation(trainer, name=f"{q0}/alpha={a:g}/gen{t}", seed=student_seed,

@@ -21,15 +21,16 @@ from kdjax.operators.softening import SOFTENING_KINDS, soften
 from kdjax.operators.meta import META_KINDS, make_operator, meta_teacher
 from kdjax.operators.axioms import (AxiomReport, check_aggregation_axioms, check_meta_axioms,
                                     check_softening_axioms, random_simplex)
-from kdjax.operators.recursion import (Projection, alpha_schedule, fixed_point, mixture_family,
-                                       project_mixture, project_softmax_linear, recurse,
+from kdjax.operators.recursion import (FixedPointResult, Projection, alpha_schedule, fixed_point,
+                                       mixture_family, project_mixture, project_softmax_linear, recurse,
                                        softmax_linear_family)
 
 __all__ = [
     "AGGREGATION_KINDS", "aggregate", "log_normalizer",
     "SOFTENING_KINDS", "soften",
     "META_KINDS", "make_operator", "meta_teacher",
-    "Projection", "alpha_schedule", "fixed_point", "recurse", "mixture_family", "project_mixture",
+    "Projection", "FixedPointResult", "alpha_schedule", "fixed_point", "recurse", "mixture_family",
+    "project_mixture",
     "softmax_linear_family", "project_softmax_linear",
     "AxiomReport", "check_meta_axioms", "check_softening_axioms", "check_aggregation_axioms",
     "random_simplex",

@@ -10,7 +10,8 @@ formulas and axiom formalisation are Design choice (kdjax) [proposed], spec §3)
   β < 0 towards the minimum, β > 1 towards the maximum).
 
 Everything is computed in log space: inputs and outputs are log-probabilities, zeros (−inf) are
-allowed, and no NaN is produced (an all −inf row stays −inf; its gradient is 0).
+allowed, and no NaN is created (an all −inf row stays −inf; its gradient is 0). NaN input is
+never treated as a zero: it propagates to the pooled row.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import _checks
+from kdjax import _logspace as LS
 from kdjax.operators import _common as C
 
 Array = jax.Array
@@ -39,9 +41,9 @@ def _check_kind(kind: str, power: Any) -> None:
   if kind == "power":
     if power is None:
       raise ValueError("`power` (the power-mean exponent beta) is required when kind='power'.")
-    v = _checks.concrete_scalar(power)
-    if v is not None and not np.isfinite(v):
-      raise ValueError(f"`power` must be a finite number, got {power!r}.")
+    _checks.check_range("power", power)
+    if np.ndim(power) != 0:
+      raise ValueError(f"`power` must be a scalar, got shape {np.shape(power)}.")
   elif power is not None:
     raise ValueError(f"`power` is only used with kind='power', got power={power!r} for "
                      f"kind={kind!r}.")
@@ -72,9 +74,12 @@ def _prepare_weights(weights: Any, m: int, batch_shape: tuple[int, ...], dtype) 
     w = w.reshape((m,) + (1,) * len(batch_shape))
   if not isinstance(w, jax.core.Tracer):
     wn = np.asarray(w, dtype=np.float64)
+    if np.any(np.isnan(wn)):
+      raise ValueError("`weights` must be finite and non-negative (a point of the simplex), "
+                       f"got NaN at teacher index {np.argwhere(np.isnan(wn))[0][0]}.")
     if not np.all(np.isfinite(wn)) or np.any(wn < 0):
       raise ValueError("`weights` must be finite and non-negative (a point of the simplex), "
-                       f"got min {np.nanmin(wn):.3g}.")
+                       f"got min {np.min(wn):.3g}.")
     err = np.max(np.abs(wn.sum(axis=0) - 1.0))
     if err > _SIMPLEX_ATOL:
       raise ValueError("`weights` must sum to 1 over the teacher axis (a point of the "
@@ -83,31 +88,67 @@ def _prepare_weights(weights: Any, m: int, batch_shape: tuple[int, ...], dtype) 
 
 
 def _geometric_unnormalized(lp: Array, w: Array) -> Array:
-  """Σ_i w_i log p_i with 0·(−inf) = 0 and w_i > 0, p_i = 0 ⇒ −inf."""
-  finite = lp > -jnp.inf
+  """Σ_i w_i log p_i with 0·(−inf) = 0 and w_i > 0, p_i = 0 ⇒ −inf (NaN propagates)."""
+  present = LS.valid_entries(lp)
   used = w > 0
-  terms = jnp.where(finite & used, w * jnp.where(finite, lp, 0.0), 0.0)
-  killed = jnp.any(used & ~finite, axis=0)
+  terms = jnp.where(present & used, w * jnp.where(present, lp, 0.0), 0.0)
+  killed = jnp.any(used & ~present, axis=0)
   return jnp.where(killed, -jnp.inf, jnp.sum(terms, axis=0))
 
 
 def _arithmetic_unnormalized(lp: Array, w: Array) -> Array:
-  terms = jnp.where(lp > -jnp.inf, C.safe_log(w) + jnp.where(lp > -jnp.inf, lp, 0.0), -jnp.inf)
-  return C.logsumexp(terms, axis=0)
+  present = LS.valid_entries(lp)
+  terms = jnp.where(present, LS.safe_log(w) + jnp.where(present, lp, 0.0), -jnp.inf)
+  return LS.masked_logsumexp(terms, axis=0)
+
+
+# |β (log p_i − Σ_j w_j log p_j)| below which the cumulant series is used, and above which the
+# direct log-sum-exp is used; in between, log1p(Σ w expm1(β d)) / β. The three forms are the same
+# function (switching between them is continuous up to rounding); each is used where it is
+# accurate in float32.
+_SERIES_MAX = 1e-2
+_EXPM1_MAX = 1.0
 
 
 def _power_unnormalized(lp: Array, w: Array, beta: Any) -> Array:
-  """(1/β) log Σ_i w_i p_i^β; β may be traced (β = 0 gives the geometric limit)."""
+  """(1/β) log Σ_i w_i p_i^β; β may be traced (β = 0 gives the geometric limit).
+
+  Written around the geometric mean ḡ = Σ w_i log p_i with d_i = log p_i − ḡ:
+  (1/β) log Σ w e^{β d} + ḡ. For small |β d| the naive form cancels in float32 (at β = 1e-8 it
+  returns the uniform distribution); there the cumulant series
+  ḡ + m1 + β m2/2 + β² (m3 − 3 m1 m2)/6 (m_k = Σ w d^k, m1 ≈ 0) is used, which is continuous
+  as β → 0 and has a finite d/dβ.
+  """
   b = jnp.asarray(beta, lp.dtype)
   safe_b = jnp.where(b == 0, 1.0, b)
-  finite = lp > -jnp.inf
+  present = LS.valid_entries(lp)
   used = w > 0
-  terms = jnp.where(finite & used, C.safe_log(w) + safe_b * jnp.where(finite, lp, 0.0), -jnp.inf)
-  lse = C.logsumexp(terms, axis=0)
+  lps = jnp.where(present & used, lp, 0.0)
+  # Direct form (exact for zeros; stable for large |β d|).
+  terms = jnp.where(present & used, LS.safe_log(w) + safe_b * lps, -jnp.inf)
+  lse = LS.masked_logsumexp(terms, axis=0)
   # β < 0: a zero of any used teacher makes p^β infinite, so the power mean is 0 there.
-  killed = (b < 0) & jnp.any(used & ~finite, axis=0)
-  power = jnp.where(killed | (lse == -jnp.inf), -jnp.inf,
-                    jnp.where(lse > -jnp.inf, lse, 0.0) / safe_b)
+  killed = (b < 0) & jnp.any(used & ~present, axis=0)
+  direct = jnp.where(killed | (lse == -jnp.inf), -jnp.inf,
+                     jnp.where(lse > -jnp.inf, lse, 0.0) / safe_b)
+  # Centred forms, where every used teacher has the class (no zero).
+  all_present = jnp.all(present | ~used, axis=0)
+  wu = jnp.where(used, w, 0.0)
+  g = jnp.sum(wu * lps, axis=0)
+  d = jnp.where(used, lps - g[None], 0.0)
+  r = jnp.max(jnp.abs(b * d), axis=0)
+  series_ok = all_present & (r <= _SERIES_MAX)
+  expm1_ok = all_present & (r <= _EXPM1_MAX)
+  ds = jnp.where(series_ok[None], d, 0.0)
+  m1 = jnp.sum(wu * ds, axis=0)
+  m2 = jnp.sum(wu * ds * ds, axis=0)
+  m3 = jnp.sum(wu * ds * ds * ds, axis=0)
+  series = g + m1 + b * (m2 - m1 * m1) / 2 + b * b * (m3 - 3 * m1 * m2 + 2 * m1 ** 3) / 6
+  bd = jnp.where(expm1_ok[None], b * d, 0.0)
+  s = jnp.sum(wu * jnp.expm1(bd), axis=0)
+  s = jnp.where(expm1_ok, s, 0.0)
+  centred = g + jnp.log1p(s) / safe_b
+  power = jnp.where(series_ok, series, jnp.where(expm1_ok, centred, direct))
   return jnp.where(b == 0, _geometric_unnormalized(lp, w), power)
 
 
@@ -119,6 +160,7 @@ def _prepare(log_probs, weights, kind, power, teacher_axis, axis):
   if t_ax == c_ax:
     raise ValueError(f"`teacher_axis` ({teacher_axis}) and `axis` ({axis}) must differ.")
   _check_kind(kind, power)
+  C.check_log_simplex("log_probs", lp, axis=c_ax)
   moved = jnp.moveaxis(lp, (t_ax, c_ax), (0, lp.ndim - 1))
   w = _prepare_weights(weights, moved.shape[0], moved.shape[1:-1], moved.dtype)
   if kind == "power":
@@ -143,9 +185,9 @@ def _pool(moved, w, beta, *, kind, output):
   else:
     un = _power_unnormalized(moved, w, beta)
   if output == "log_z":
-    return C.logsumexp(un, axis=-1)
+    return LS.masked_logsumexp(un, axis=-1)
   if output == "normalized" and kind != "arithmetic":
-    return C.log_normalize(un, axis=-1)
+    return LS.log_normalize(un, axis=-1)
   return un  # the arithmetic pool is already normalised when the inputs are
 
 
@@ -162,7 +204,9 @@ def aggregate(log_probs: Array, *, weights: Any = None, kind: str = "arithmetic"
   [proposed] (spec §3). The geometric pool of softmax(z_i) equals softmax(Σ_i w_i z_i).
 
   Args:
-    log_probs: log-probabilities with a teacher axis and a class axis, e.g. ``[M, *batch, K]``.
+    log_probs: log-probabilities with a teacher axis and a class axis, e.g. ``[M, *batch, K]``;
+      concrete input must be normalised along ``axis`` (ValueError otherwise) and free of
+      +inf. NaN propagates to the pooled row (it is never read as a zero).
       Zeros (−inf) are allowed: the arithmetic pool keeps a class if any weighted teacher has
       it; the geometric pool (and power β ≤ 0) drops it if any teacher with w_i > 0 lacks it.
     weights: ``None`` (uniform 1/M), shape ``[M]``, or per-example ``[M, *batch]`` (confidence
@@ -170,7 +214,9 @@ def aggregate(log_probs: Array, *, weights: Any = None, kind: str = "arithmetic"
       non-negative and sum to 1 over the teacher axis (atol 1e-5), else ValueError.
     kind: ``"arithmetic"``, ``"geometric"`` or ``"power"``.
     power: β for ``kind="power"`` (any finite real; β ∈ {0, 1} are dispatched to the exact
-      geometric/arithmetic pools; a traced β is accepted).
+      geometric/arithmetic pools; a traced β is accepted). The pool is continuous as β → 0:
+      for small |β (log p_i − ḡ)| (ḡ the geometric mean) a cumulant series
+      ḡ + β Var_w/2 + β² κ₃/6 replaces the log-sum-exp, which cancels in float32.
     teacher_axis: the axis of ``log_probs`` indexing teachers.
     axis: the class axis of ``log_probs``.
 

@@ -41,7 +41,7 @@ Operator = Callable[[Array, Array, Any], Array]
 
 
 def meta_teacher(log_p0: Array, log_q: Array, *, alpha: Any, kind: str = "arithmetic",
-                 beta: Any = None, temperature: Any = None, axis: int = -1) -> Array:
+                 power: Any = None, temperature: Any = None, axis: int = -1) -> Array:
   r"""The anchored target M_α(p0, q) built from base teacher p0 and previous student q.
 
   .. math:: M^{\rm ar}_\alpha = \alpha p_0 + (1-\alpha) q,\quad
@@ -52,12 +52,17 @@ def meta_teacher(log_p0: Array, log_q: Array, *, alpha: Any, kind: str = "arithm
   Forward-KL contraction KL(p0 ‖ M_α(p0, q)) ≤ (1 − α) KL(p0 ‖ q) holds for arithmetic,
   geometric and power β ∈ [0, 1] (see theory/recursive_meta_distillation.md).
 
+  Concrete inputs must be log-probabilities (normalised along ``axis``, atol 1e-3), else
+  ValueError; NaN propagates. The geometric (and power β ≤ 0) target of p0 and q with disjoint
+  supports is empty: its row is all −inf (use the arithmetic kind there).
+
   Args:
     log_p0: base-teacher log-probabilities ``[..., K]``.
     log_q: previous-generation log-probabilities, same shape.
-    alpha: anchor weight in [0, 1]; a scalar, per-example ``[*batch]`` array, or traced.
+    alpha: anchor weight in [0, 1] (the weight of p0); a scalar, per-example ``[*batch]``
+      array (checked elementwise when concrete), or traced (unchecked).
     kind: one of ``META_KINDS``.
-    beta: power-mean exponent for ``kind="power"``.
+    power: the power-mean exponent β for ``kind="power"`` (as in :func:`aggregate`).
     temperature: τ for ``softened_anchor`` / ``softened_mixture`` (power softening).
     axis: class axis.
 
@@ -68,6 +73,8 @@ def meta_teacher(log_p0: Array, log_q: Array, *, alpha: Any, kind: str = "arithm
   lq = C.as_log_probs("log_q", log_q)
   _checks.check_same_shape("log_p0", lp0, "log_q", lq)
   ax = _checks.normalize_axis(axis, lp0.ndim)
+  C.check_log_simplex("log_p0", lp0, axis=ax)
+  C.check_log_simplex("log_q", lq, axis=ax)
   C.check_alpha("alpha", alpha)
   if kind not in META_KINDS:
     raise ValueError(f"`kind` must be one of {META_KINDS}, got {kind!r}.")
@@ -80,14 +87,21 @@ def meta_teacher(log_p0: Array, log_q: Array, *, alpha: Any, kind: str = "arithm
   lp0, lq = lp0.astype(dtype), lq.astype(dtype)
   if kind in ("softened_anchor", "softened_mixture"):
     _checks.check_positive("temperature", temperature)
-  b = _checks.concrete_scalar(beta) if beta is not None else None
-  if beta is not None and b is None:  # traced β: no static dispatch to the exact β ∈ {0, 1}
-    return _meta_eager(lp0, lq, alpha, temperature, kind=kind, beta=beta, ax=ax)
+  if kind == "power":
+    if power is None:
+      raise ValueError("`power` (the power-mean exponent beta) is required when kind='power'.")
+    _checks.check_range("power", power)
+  elif power is not None:
+    raise ValueError(f"`power` is only used with kind='power', got power={power!r} for "
+                     f"kind={kind!r}.")
+  b = _checks.concrete_scalar(power) if power is not None else None
+  if power is not None and b is None:  # traced β: no static dispatch to the exact β ∈ {0, 1}
+    return _meta_eager(lp0, lq, alpha, temperature, kind=kind, power=power, ax=ax)
   t = jnp.asarray(1.0 if temperature is None else temperature, dtype)
-  return _meta_jit(lp0, lq, jnp.asarray(alpha, dtype), t, kind=kind, beta=b, ax=ax)
+  return _meta_jit(lp0, lq, jnp.asarray(alpha, dtype), t, kind=kind, power=b, ax=ax)
 
 
-def _meta_eager(lp0, lq, alpha, temperature, *, kind, beta, ax):
+def _meta_eager(lp0, lq, alpha, temperature, *, kind, power, ax):
   a = jnp.asarray(alpha, lp0.dtype)
   batch_shape = lp0.shape[:ax] + lp0.shape[ax + 1:]
   if a.ndim:  # per-example anchor weights
@@ -101,22 +115,22 @@ def _meta_eager(lp0, lq, alpha, temperature, *, kind, beta, ax):
     mixed = aggregate(stacked, weights=weights, kind="arithmetic", axis=ax + 1)
     return soften(mixed, temperature=temperature, axis=ax)
   return aggregate(stacked, weights=weights, kind=kind,
-                   power=beta if kind == "power" else None, axis=ax + 1)
+                   power=power if kind == "power" else None, axis=ax + 1)
 
 
 # Compiled once per (shapes, kind, β, axis): eager calls otherwise compile every primitive.
 # α and the temperature are traced (validated above on concrete values).
-_meta_jit = jax.jit(_meta_eager, static_argnames=("kind", "beta", "ax"))
+_meta_jit = jax.jit(_meta_eager, static_argnames=("kind", "power", "ax"))
 
 
-def make_operator(kind: str = "arithmetic", *, beta: Any = None, temperature: Any = None,
+def make_operator(kind: str = "arithmetic", *, power: Any = None, temperature: Any = None,
                   axis: int = -1) -> Operator:
   """Returns ``op(log_p0, log_q, alpha) -> log_m`` for :func:`recurse` and the checkers."""
   if kind not in META_KINDS:
     raise ValueError(f"`kind` must be one of {META_KINDS}, got {kind!r}.")
 
   def op(log_p0, log_q, alpha):
-    return meta_teacher(log_p0, log_q, alpha=alpha, kind=kind, beta=beta,
+    return meta_teacher(log_p0, log_q, alpha=alpha, kind=kind, power=power,
                         temperature=temperature, axis=axis)
 
   op.__name__ = f"meta_teacher_{kind}"

@@ -14,20 +14,23 @@ previous generation (the state is carried through ``jax.lax.scan``). A plain fun
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import _checks
+from kdjax import _logspace as LS
 from kdjax.operators import _common as C
-from kdjax.operators.meta import make_operator
+from kdjax.operators.meta import META_KINDS, meta_teacher
 
 Array = jax.Array
 
 __all__ = ["Projection", "recurse", "mixture_family", "project_mixture",
            "softmax_linear_family", "project_softmax_linear", "alpha_schedule",
-           "fixed_point"]
+           "fixed_point", "FixedPointResult"]
 
 
 class Projection(NamedTuple):
@@ -36,13 +39,34 @@ class Projection(NamedTuple):
   step: Callable[[Array, Any], tuple[Array, Any]]
 
 
+def _identity_init(log_q):
+  del log_q
+  return ()
+
+
+def _identity_step(log_m, state):
+  return log_m, state
+
+
+_IDENTITY = Projection(init=_identity_init, step=_identity_step)
+
+
+@functools.lru_cache(maxsize=128)
+def _wrap_callable(project) -> Projection:
+  # Cached so the same function gives the same (hashable) Projection: no retrace per call.
+  return Projection(init=_identity_init, step=lambda lm, s: (project(lm), s))
+
+
 def _as_projection(project) -> Projection:
   if project is None:
-    return Projection(init=lambda lq: (), step=lambda lm, s: (lm, s))
+    return _IDENTITY
   if isinstance(project, Projection):
     return project
   if callable(project):
-    return Projection(init=lambda lq: (), step=lambda lm, s: (project(lm), s))
+    try:
+      return _wrap_callable(project)
+    except TypeError:  # unhashable callable: works, compiled per call
+      return Projection(init=_identity_init, step=lambda lm, s: (project(lm), s))
   raise TypeError(f"`project` must be None, a Projection or a callable, got {project!r}.")
 
 
@@ -67,7 +91,7 @@ def alpha_schedule(alpha: Any, steps: int | None) -> tuple[Array, int]:
 
 
 def recurse(log_p0: Array, log_q0: Array, *, alpha: Any, steps: int | None = None,
-            kind: str = "arithmetic", beta: Any = None, temperature: Any = None,
+            kind: str = "arithmetic", power: Any = None, temperature: Any = None,
             operator: Callable | None = None, project: Any = None,
             axis: int = -1) -> Array:
   r"""Runs q_t = D(M_α_t(p0, q_{t−1})), t = 1..steps, with ``jax.lax.scan``.
@@ -78,14 +102,20 @@ def recurse(log_p0: Array, log_q0: Array, *, alpha: Any, steps: int | None = Non
   arithmetic operator, KL(p0‖q_t) is non-increasing and q_t → D_Q(p0) for any α ∈ (0, 1]
   (Theorem 4, [proposed]).
 
+  Eager calls are compiled once per (shapes, kind, power, axis, operator, project): pass the
+  *same* ``operator`` / ``project`` objects across calls (not a fresh lambda) to reuse the
+  compiled recursion.
+
   Args:
     log_p0: base-teacher log-probabilities ``[..., K]`` (aggregate several teachers first).
-    log_q0: initial student log-probabilities, same shape.
+    log_q0: initial student log-probabilities, same shape. Concrete inputs must be normalised.
     alpha: anchor weight: a scalar, a 1-D schedule of length ``steps``, or a function
       ``t -> alpha_t`` (t = 0..steps−1, e.g. an optax schedule).
     steps: number of generations (inferred from an array schedule).
-    kind, beta, temperature: the meta-teacher family (see :func:`meta_teacher`), ignored when
-      ``operator`` is given.
+    kind, power, temperature: the meta-teacher family (see :func:`meta_teacher`), ignored when
+      ``operator`` is given. For ``kind="geometric"`` (and ``"power"`` with β ≤ 0) a row where
+      p0 and q0 have disjoint supports has an empty target (all −inf): concrete inputs with such
+      a row are rejected (ValueError); traced ones give −inf rows.
     operator: a custom ``op(log_p0, log_q, alpha) -> log_m``.
     project: ``None`` (identity), a :class:`Projection`, or a function ``log_m -> log_q``.
     axis: class axis (for the built-in operators).
@@ -96,16 +126,49 @@ def recurse(log_p0: Array, log_q0: Array, *, alpha: Any, steps: int | None = Non
   lp0 = C.as_log_probs("log_p0", log_p0)
   lq0 = C.as_log_probs("log_q0", log_q0)
   _checks.check_same_shape("log_p0", lp0, "log_q0", lq0)
-  if steps is not None and (not isinstance(steps, int) or steps < 0):
-    raise ValueError(f"`steps` must be a non-negative int, got {steps!r}.")
+  if steps is not None:
+    steps = _checks.check_int("steps", steps, low=0)
   alphas, steps = alpha_schedule(alpha, steps)
   dtype = _checks.compute_dtype(lp0, lq0)
   lp0, lq0 = lp0.astype(dtype), lq0.astype(dtype)
   alphas = alphas.astype(dtype)
-  op = operator if operator is not None else make_operator(kind, beta=beta,
-                                                           temperature=temperature, axis=axis)
   proj = _as_projection(project)
+  if operator is not None:
+    if not callable(operator):
+      raise TypeError(f"`operator` must be a callable op(log_p0, log_q, alpha), got "
+                      f"{operator!r}.")
+    return _recurse_custom(lp0, lq0, alphas, operator=operator, proj=proj)
+  if kind not in META_KINDS:
+    raise ValueError(f"`kind` must be one of {META_KINDS}, got {kind!r}.")
+  ax = _checks.normalize_axis(axis, lp0.ndim)
+  C.check_log_simplex("log_p0", lp0, axis=ax)
+  C.check_log_simplex("log_q0", lq0, axis=ax)
+  # Validates kind / power / temperature (raises like meta_teacher); one cached compiled call.
+  meta_teacher(lp0, lq0, alpha=0.5, kind=kind, power=power, temperature=temperature, axis=ax)
+  _check_common_support(kind, power, lp0, lq0, ax)
+  b = _checks.concrete_scalar(power) if power is not None else None
+  t = jnp.asarray(1.0 if temperature is None else temperature, dtype)
+  if power is not None and b is None:  # traced β: not a static argument
+    return _recurse_builtin_impl(lp0, lq0, alphas, t, power, kind=kind, ax=ax, proj=proj)
+  return _recurse_builtin(lp0, lq0, alphas, t, b, kind=kind, ax=ax, proj=proj)
 
+
+def _check_common_support(kind, power, lp0, lq0, ax):
+  """Concrete geometric-type recursion: every row of p0 and q0 must share a class."""
+  b = _checks.concrete_scalar(power) if power is not None else None
+  if not (kind == "geometric" or (kind == "power" and b is not None and b <= 0)):
+    return
+  a0, b0 = _checks.concrete_array(lp0), _checks.concrete_array(lq0)
+  if a0 is None or b0 is None or a0.size == 0:
+    return
+  shared = np.any((a0 != -np.inf) & (b0 != -np.inf), axis=ax)
+  if not np.all(shared):
+    raise ValueError(f"`log_p0` and `log_q0` have disjoint supports in {int(np.sum(~shared))} "
+                     f"row(s): the {kind} meta-teacher p0^α q^(1−α) is then empty (all −inf). "
+                     "Use kind='arithmetic' or give q0 mass on the support of p0.")
+
+
+def _scan(lp0, lq0, alphas, op, proj):
   def body(carry, a):
     lq, state = carry
     lm = op(lp0, lq, a)
@@ -116,12 +179,33 @@ def recurse(log_p0: Array, log_q0: Array, *, alpha: Any, steps: int | None = Non
   return jnp.concatenate([lq0[None], traj], axis=0)
 
 
+# Module-level compiled cores (P4): one compilation per (shapes, static arguments) instead of a
+# fresh scan closure, compiled again, on every eager call. A Projection / operator is hashed by
+# identity.
+def _recurse_builtin_impl(lp0, lq0, alphas, temperature, power, *, kind, ax, proj):
+  softened = kind in ("softened_anchor", "softened_mixture")
+
+  def op(p0, q, a):
+    return meta_teacher(p0, q, alpha=a, kind=kind, power=power,
+                        temperature=temperature if softened else None, axis=ax)
+
+  return _scan(lp0, lq0, alphas, op, proj)
+
+
+_recurse_builtin = jax.jit(_recurse_builtin_impl, static_argnames=("kind", "ax", "proj", "power"))
+
+
+@functools.partial(jax.jit, static_argnames=("operator", "proj"))
+def _recurse_custom(lp0, lq0, alphas, *, operator, proj):
+  return _scan(lp0, lq0, alphas, operator, proj)
+
+
 # ----------------------------------------------------------------------------- mixture family
 
 
 def _mixture_log_q(log_pi: Array, log_comp: Array) -> Array:
   # log q_k = log Σ_j π_j c_jk ; log_pi [..., J], log_comp [J, K]
-  return C.logsumexp(log_pi[..., :, None] + log_comp, axis=-2)
+  return LS.masked_logsumexp(log_pi[..., :, None] + log_comp, axis=-2)
 
 
 def project_mixture(log_m: Array, log_components: Array, *, iters: int = 5000,
@@ -162,7 +246,7 @@ def project_mixture(log_m: Array, log_components: Array, *, iters: int = 5000,
     new = pi * (ratio @ comp.T)                                      # [..., J]
     return new / jnp.sum(new, axis=-1, keepdims=True)
 
-  log_pi = C.safe_log(jax.lax.fori_loop(0, iters, em, jnp.exp(log_pi)))
+  log_pi = LS.safe_log(jax.lax.fori_loop(0, iters, em, jnp.exp(log_pi)))
   return _mixture_log_q(log_pi, lc), log_pi
 
 
@@ -284,42 +368,127 @@ def softmax_linear_family(features: Array, *, iters: int = 10,
 # ----------------------------------------------------------------------------- fixed points
 
 
+class FixedPointResult(NamedTuple):
+  """What :func:`fixed_point` returns with ``return_residual=True``."""
+  value: Any        # x* (NaN where the iteration did not converge)
+  residual: Array   # max |f(x*) − x*| at the returned iterate (before the NaN substitution)
+  iterations: Array  # forward iterations used
+  converged: Array  # residual <= tol
+
+
+def _default_tol(x0) -> float:
+  leaves = jax.tree_util.tree_leaves(x0)
+  f64 = any(jnp.asarray(leaf).dtype == jnp.float64 for leaf in leaves)
+  return 1e-12 if f64 else 1e-6
+
+
+def _max_abs_diff(a, b):
+  diffs = [jnp.max(jnp.abs(x - y)) if jnp.size(x) else jnp.zeros((), jnp.result_type(x))
+           for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
+  if not diffs:
+    return jnp.zeros(())
+  out = diffs[0].astype(jnp.result_type(*diffs))
+  for d in diffs[1:]:
+    out = jnp.maximum(out, d)
+  return out
+
+
+def _iterate(step, x0, tol, iters):
+  """Iterates x <- step(x) until max|step(x) - x| <= tol or `iters` steps; (x, res, n)."""
+  x1 = step(x0)
+  res0 = _max_abs_diff(x1, x0)
+
+  def cond(state):
+    _, res, n = state
+    return (res > tol) & (n < iters)   # NaN residual stops the loop (and is not converged)
+
+  def body(state):
+    x, _, n = state
+    nx = step(x)
+    return nx, _max_abs_diff(nx, x), n + 1
+
+  return jax.lax.while_loop(cond, body, (x1, res0, jnp.asarray(1, jnp.int32)))
+
+
+def _nan_unless(ok, tree):
+  return jax.tree_util.tree_map(lambda v: jnp.where(ok, v, jnp.nan), tree)
+
+
 def fixed_point(f: Callable[[Array, Any], Array], x0: Array, params: Any, *,
-                iters: int = 500) -> Array:
-  r"""x* = f(x*, params) by iteration, differentiated implicitly in ``params``.
+                tol: float | None = None, iters: int = 100_000,
+                return_residual: bool = False) -> Any:
+  r"""x* = f(x*, params) by iteration to a tolerance, differentiated implicitly.
 
-  The backward pass solves u = g + (∂f/∂x)ᵀ u at x* by the same fixed-point iteration and
-  returns (∂f/∂params)ᵀ u — the implicit-function theorem, as in jaxopt's
-  ``custom_fixed_point`` (spec §9, Design choice (kdjax) [proposed]); no unrolled graph is
-  stored. Requires f to be a contraction in x near x* (true for the anchored maps).
+  Forward: x_{n+1} = f(x_n, params) in a ``jax.lax.while_loop`` until the residual
+  max |f(x) − x| ≤ ``tol`` or ``iters`` iterations. Backward: the implicit-function theorem,
+  u = g + (∂f/∂x)ᵀ u solved at x* by the same iteration (same ``tol`` and ``iters``), then
+  (∂f/∂θ)ᵀ u for θ = ``params`` *and* every array ``f`` closes over (``jax.closure_convert``),
+  as jaxopt's ``custom_fixed_point`` / optimistix (spec §9, Design choice (kdjax) [proposed]);
+  no unrolled graph is stored. Requires f to be a contraction in x near x*.
+
+  **Not converged ⇒ NaN.** If the residual is still above ``tol`` after ``iters`` iterations
+  (or is NaN), the value is NaN (and so is the gradient), eagerly and under ``jit`` alike, so a
+  training guard fires instead of a silently wrong answer. Use ``return_residual=True`` to see
+  the residual and iteration count. The residual bounds the error only through the contraction
+  factor L: |x − x*| ≲ residual / (1 − L), so for slow contractions (L near 1, e.g. the
+  anchored maps with a small α) choose ``tol`` accordingly, or work in float64.
+
+  Args:
+    f: ``f(x, params) -> x`` (x may be a pytree).
+    x0: starting point.
+    params: differentiable parameters (a pytree; may be ``None``).
+    tol: residual tolerance (default 1e-6 in float32, 1e-12 when ``x0`` is float64); finite > 0.
+    iters: maximum number of iterations (an int >= 1), for the forward and backward solves.
+    return_residual: also return the residual, iteration count and convergence flag.
+
+  Returns:
+    x*, or a :class:`FixedPointResult` with ``return_residual=True``.
   """
-  return _fixed_point(f, iters, x0, params)
+  if not callable(f):
+    raise TypeError(f"`f` must be a callable f(x, params), got {f!r}.")
+  iters = _checks.check_int("iters", iters, low=1)
+  if tol is None:
+    tol = _default_tol(x0)
+  _checks.check_positive("tol", tol)
+  if _checks.concrete_scalar(tol) is None:
+    raise TypeError(f"`tol` must be a concrete positive number, got {tol!r}.")
+  tol = float(tol)
+  x0 = jax.tree_util.tree_map(jnp.asarray, x0)
+  closed, consts = jax.closure_convert(f, x0, params)
+  x, res, n = _fixed_point(closed, tol, iters, x0, params, *consts)
+  ok = res <= tol
+  if return_residual:
+    return FixedPointResult(x, res, n, ok)
+  return x
 
 
-def _fp_solve(f, iters, x0, params):
-  return jax.lax.fori_loop(0, iters, lambda _, x: f(x, params), x0)
+def _fp_forward(f, tol, iters, x0, params, consts):
+  x, res, n = _iterate(lambda x: f(x, params, *consts), x0, tol, iters)
+  x = _nan_unless(res <= tol, x)
+  return x, res, n
 
 
-def _make_fp():
-  import functools  # pylint: disable=import-outside-toplevel
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-  def fp(f, iters, x0, params):
-    return _fp_solve(f, iters, x0, params)
-
-  def fwd(f, iters, x0, params):
-    x = _fp_solve(f, iters, x0, params)
-    return x, (x, params)
-
-  def bwd(f, iters, res, g):
-    x, params = res
-    _, vjp_x = jax.vjp(lambda y: f(y, params), x)
-    u = jax.lax.fori_loop(0, iters, lambda _, u: g + vjp_x(u)[0], g)
-    _, vjp_p = jax.vjp(lambda p: f(x, p), params)
-    return (jnp.zeros_like(x), vjp_p(u)[0])
-
-  fp.defvjp(fwd, bwd)
-  return fp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fixed_point(f, tol, iters, x0, params, *consts):
+  return _fp_forward(f, tol, iters, x0, params, consts)
 
 
-_fixed_point = _make_fp()
+def _fp_fwd(f, tol, iters, x0, params, *consts):
+  x, res, n = _fp_forward(f, tol, iters, x0, params, consts)
+  return (x, res, n), (x, params, consts)
+
+
+def _fp_bwd(f, tol, iters, saved, cotangents):
+  x, params, consts = saved
+  g = cotangents[0]
+  _, vjp_x = jax.vjp(lambda y: f(y, params, *consts), x)
+  zero_u = jax.tree_util.tree_map(jnp.zeros_like, g)
+  u, res, _ = _iterate(lambda u: jax.tree_util.tree_map(jnp.add, g, vjp_x(u)[0]), zero_u,
+                       tol, iters)
+  u = _nan_unless(res <= tol, u)
+  _, vjp_p = jax.vjp(lambda p, *c: f(x, p, *c), params, *consts)
+  grads = vjp_p(u)
+  return (jax.tree_util.tree_map(jnp.zeros_like, x),) + tuple(grads)
+
+
+_fixed_point.defvjp(_fp_fwd, _fp_bwd)

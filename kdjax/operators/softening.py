@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import _checks
-from kdjax import divergences as D
+from kdjax import _logspace as LS
 from kdjax.operators import _common as C
 
 Array = jax.Array
@@ -38,25 +38,37 @@ def soften(log_p: Array, *, temperature: Any, kind: str = "power", axis: int = -
   (power only) → uniform on argmax as T → 0⁺. Zeros stay zeros under the power family; the
   mixing family gives every class mass ≥ (1 − 1/T)/K.
 
+  NaN in ``log_p`` propagates to its row (it is never treated as a removed entry).
+
   Args:
-    log_p: log-probabilities ``[..., K]`` (−inf allowed).
-    temperature: T > 0 (``"power"``) or T ≥ 1 (``"mixing"``); may be traced.
+    log_p: log-probabilities ``[..., K]`` (−inf allowed; +inf rejected when concrete).
+    temperature: T > 0 (``"power"``) or T ≥ 1 (``"mixing"``): a scalar or a per-row array of
+      the batch shape (``log_p.shape`` without ``axis``, or with a singleton there). Concrete
+      values are checked
+      elementwise; a traced T is not checked.
     kind: ``"power"`` or ``"mixing"``.
     axis: class axis.
   """
   lp = C.as_log_probs("log_p", log_p)
   ax = _checks.normalize_axis(axis, lp.ndim)
-  _checks.check_positive("temperature", temperature)
-  if kind == "power":
-    t = jnp.asarray(temperature, lp.dtype)
-    return D.log_softmax(jnp.where(lp > -jnp.inf, lp / t, -jnp.inf), axis=ax)
+  if kind not in SOFTENING_KINDS:
+    raise ValueError(f"`kind` must be one of {SOFTENING_KINDS}, got {kind!r}.")
   if kind == "mixing":
-    v = _checks.concrete_scalar(temperature)
-    if v is not None and v < 1.0:
-      raise ValueError(f"`temperature` must be >= 1 for kind='mixing' (uniform mixing with "
-                       f"weight 1 - 1/T), got {temperature!r}.")
-    t = jnp.asarray(temperature, lp.dtype)
-    k = lp.shape[ax]
-    log_u = jnp.full_like(lp, -jnp.log(jnp.asarray(k, lp.dtype)))
-    return D.log_mixture(1.0 / t, lp, log_u)
-  raise ValueError(f"`kind` must be one of {SOFTENING_KINDS}, got {kind!r}.")
+    # Elementwise: a per-row temperature with one entry below 1 is rejected too.
+    _checks.check_range("temperature", temperature, low=1.0)
+  else:
+    _checks.check_positive("temperature", temperature)
+  batch_shape = lp.shape[:ax] + lp.shape[ax + 1:]
+  t = jnp.asarray(temperature, lp.dtype)
+  if t.ndim == lp.ndim and t.shape[ax] == 1:  # already carries the singleton class axis
+    t = _checks.per_position("temperature", jnp.squeeze(t, ax), batch_shape, ax, lp.dtype)
+  else:
+    t = _checks.per_position("temperature", t, batch_shape, ax, lp.dtype)
+  if kind == "power":
+    valid = LS.valid_entries(lp)
+    # Double where: (-inf)/T never enters the graph, so d/dT stays finite.
+    scaled = jnp.where(valid, jnp.where(valid, lp, 0.0) / t, -jnp.inf)
+    return LS.masked_log_softmax(scaled, axis=ax)
+  k = lp.shape[ax]
+  log_u = jnp.full_like(lp, -jnp.log(jnp.asarray(k, lp.dtype)))
+  return LS.log_mixture(1.0 / t, lp, log_u)
