@@ -154,6 +154,41 @@ def _how_to_prepare(name: str, data_dir: pathlib.Path) -> str:
           f"first use): {', '.join(BUNDLED)}.")
 
 
+class _quiet_tfds:  # pylint: disable=invalid-name
+  """Silences TFDS while it generates a bundled dataset: its stdout lines and progress bars, and
+  the empty ``tmp*tfds`` directory its DatasetInfo leaves in the temp dir."""
+
+  def __init__(self, tfds):
+    self._tfds = tfds
+
+  def __enter__(self):
+    import contextlib  # pylint: disable=import-outside-toplevel
+    import io  # pylint: disable=import-outside-toplevel
+    import tempfile  # pylint: disable=import-outside-toplevel
+    self._tmp = pathlib.Path(tempfile.gettempdir())
+    self._before = set(self._tmp.glob("tmp*tfds"))
+    self._tfds.disable_progress_bar()
+    self._out = contextlib.redirect_stdout(io.StringIO())
+    self._out.__enter__()
+    import logging as py_logging  # pylint: disable=import-outside-toplevel
+    self._logger = py_logging.getLogger("absl")
+    self._logger.addFilter(self._drop_first_use_warning)
+    return self
+
+  @staticmethod
+  def _drop_first_use_warning(record) -> bool:
+    return "has no dataset_info.json" not in str(record.msg)  # a dataset not yet generated
+
+  def __exit__(self, *exc):
+    self._logger.removeFilter(self._drop_first_use_warning)
+    self._out.__exit__(*exc)
+    for d in set(self._tmp.glob("tmp*tfds")) - self._before:
+      try:
+        d.rmdir()  # only if empty
+      except OSError:
+        pass
+
+
 def prepare(name: str, data_dir: str | os.PathLike | None = None):
   """Returns a prepared TFDS builder for ``name`` (bundled ones are generated on first use).
 
@@ -173,10 +208,13 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None):
   classes = _builder_classes()
   if name in classes:
     root.mkdir(parents=True, exist_ok=True)
-    builder = classes[name](data_dir=str(root), file_format="array_record")
-    if not builder.is_prepared():
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    with _quiet_tfds(tfds):  # nothing downloads: no "Downloading and preparing" line, no bars
+      builder = classes[name](data_dir=str(root), file_format="array_record")
+      if not builder.is_prepared():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        from absl import logging  # pylint: disable=import-outside-toplevel
+        logging.info("prepared the bundled dataset %r under %s (generated locally)", name, root)
     return builder
   try:
     builder = tfds.builder(name, data_dir=str(root))

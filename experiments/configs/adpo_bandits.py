@@ -22,6 +22,8 @@ def get_config(arg=None):
                    allowed={"smoke", "seeds", "steps", "seed", "noscale"})
   c = ml_collections.ConfigDict()
   c.task = "adpo_bandits"
+  c.smoke = bool(args.get("smoke", False))   # tasks label smoke output "SMOKE RUN"
+  c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
   c.seed = int(args.get("seed", 0))
   c.seeds = 5
   c.context_dim = 16
@@ -44,7 +46,7 @@ def get_config(arg=None):
   c.ppo_clip = 0.2
   c.trpo_beta = 0.5
   c.scale_scenario = "heavy_tailed_cauchy/medium"
-  c.scale_hidden = [64, 128, 256]
+  c.scale_hidden = (64, 128, 256)
   c.progress = True
   if args.get("smoke"):
     c.seeds = 2
@@ -52,10 +54,10 @@ def get_config(arg=None):
     c.inner_steps = 1
     c.eval_every = 20
     c.test_contexts = 256
-    c.scale_hidden = []         # the sweep recompiles per width: default run only
+    c.scale_hidden = ()         # the sweep recompiles per width: default run only
     c.progress = False
   if args.get("noscale"):
-    c.scale_hidden = []
+    c.scale_hidden = ()
   if "seeds" in args:
     c.seeds = int(args["seeds"])
   if "steps" in args:

@@ -31,19 +31,21 @@ def get_config(arg=None):
                    allowed={"smoke", "seed", "loss", "temperature", "skew", "beta"})
   c = ml_collections.ConfigDict()
   c.task = "digits_kd"
+  c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
   c.seed = int(args.get("seed", 0))
   c.dataset = "digits"
   c.data_dir = ""                  # "" -> $KDJAX_DATA_DIR or ~/.cache/kdjax/tfds
   c.teacher_workdir = ""           # restore the teacher from this workdir instead of training it
-  c.student_train_size = 100       # labelled examples of the baseline/student (0: all 1347)
+  c.val_size = 270                 # validation split carved from the 1347 training images
+  c.student_train_size = 100       # labelled examples of the baseline/student (0: all the rest)
   c.batch_size = 64
   c.num_devices = 0                # 0: all devices; batch is sharded over them
   c.fsdp = False                   # shard parameters over the devices too
   c.distributed = False            # call jax.distributed.initialize (multi-host)
 
-  c.teacher = ml_collections.ConfigDict({"kind": "mlp", "hidden": [256, 256],
+  c.teacher = ml_collections.ConfigDict({"kind": "mlp", "hidden": (256, 256),
                                          "activation": "relu"})
-  c.student = ml_collections.ConfigDict({"kind": "mlp", "hidden": [32], "activation": "relu"})
+  c.student = ml_collections.ConfigDict({"kind": "mlp", "hidden": (32,), "activation": "relu"})
 
   c.teacher_steps = 1500
   c.student_steps = 1500
@@ -65,8 +67,9 @@ def get_config(arg=None):
   c.checkpoint_every = 500
   c.progress = True
 
-  if args.get("smoke"):
-    c.teacher.hidden = [64]
+  c.smoke = bool(args.get("smoke", False))   # a seconds-long test run: its numbers are no result
+  if c.smoke:
+    c.teacher.hidden = (64,)
     c.teacher_steps = 200
     c.student_steps = 300
     c.log_every = 50

@@ -24,6 +24,7 @@ def get_config(arg=None):
   args = parse_arg(arg, config="kernel_sweep", allowed={"smoke", "seed"})
   c = ml_collections.ConfigDict()
   c.task = "kernel_sweep"
+  c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
   c.seed = int(args.get("seed", 0))
   c.sizes = (50, 200, 1000, 2000)
   c.kernels = ml_collections.ConfigDict({"rbf": 30.0, "laplace": 5.0})   # name -> gamma

@@ -21,6 +21,7 @@ def get_config(arg=None):
   args = parse_arg(arg, config="kernel_toy", allowed={"smoke"})
   c = ml_collections.ConfigDict()
   c.task = "kernel_toy"
+  c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
   c.gamma = 80.0
   c.lam = 0.2
   c.steps = 6

@@ -26,6 +26,7 @@ def get_config(arg=None):
   args = parse_arg(arg, config="loss_zoo", allowed={"smoke", "seeds", "losses"})
   c = ml_collections.ConfigDict()
   c.task = "loss_zoo"
+  c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
   c.seed = 0                        # seeds are seed, seed+1, ..., seed+num_seeds-1
   c.num_seeds = int(args.get("seeds", 3))
   c.losses = str(args.get("losses", "all"))   # "all" or names joined by "+"
@@ -38,9 +39,9 @@ def get_config(arg=None):
   c.fsdp = False
   c.distributed = False
 
-  c.teacher = ml_collections.ConfigDict({"kind": "mlp", "hidden": [256, 256],
+  c.teacher = ml_collections.ConfigDict({"kind": "mlp", "hidden": (256, 256),
                                          "activation": "relu"})
-  c.student = ml_collections.ConfigDict({"kind": "mlp", "hidden": [32], "activation": "relu"})
+  c.student = ml_collections.ConfigDict({"kind": "mlp", "hidden": (32,), "activation": "relu"})
   c.teacher_steps = 1500
   c.student_steps = 1500
   c.optimizer = ml_collections.ConfigDict({
@@ -62,7 +63,7 @@ def get_config(arg=None):
   if args.get("smoke"):
     c.num_seeds = int(args.get("seeds", 1))
     c.losses = str(args.get("losses", "hinton+akl+topk_tail"))
-    c.teacher.hidden = [32]
+    c.teacher.hidden = (32,)
     c.num_teachers = 2
     c.teacher_steps = 100
     c.student_steps = 100

@@ -32,6 +32,7 @@ def get_config(arg=None):
   args = parse_arg(arg, config="meta_distillation", allowed=_KEYS)
   c = ml_collections.ConfigDict()
   c.task = "meta_distillation"
+  c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
   c.seed = int(args.get("seed", 0))
   c.dataset = "digits"
   c.data_dir = ""                  # "" -> $KDJAX_DATA_DIR or ~/.cache/kdjax/tfds
@@ -42,7 +43,7 @@ def get_config(arg=None):
   c.fsdp = False
   c.distributed = False
 
-  c.alphas = [0.0, 0.1, 0.3, 1.0]  # anchor weight on the base teacher
+  c.alphas = (0.0, 0.1, 0.3, 1.0)  # anchor weight on the base teacher
   c.generations = int(args.get("generations", 8))
   c.kind = args.get("kind", "arithmetic")   # kdjax.operators.meta_teacher kind
   c.beta = 0.5                     # power-mean exponent (kind=power only)
@@ -50,9 +51,9 @@ def get_config(arg=None):
   # approach), "teacher" (classic born-again chain: shows drift), "labels" (a CE-trained student)
   c.q0 = args.get("q0", "uniform,teacher")
 
-  c.teacher = ml_collections.ConfigDict({"kind": "mlp", "hidden": [256, 256],
+  c.teacher = ml_collections.ConfigDict({"kind": "mlp", "hidden": (256, 256),
                                          "activation": "relu"})
-  c.student = ml_collections.ConfigDict({"kind": "mlp", "hidden": [8], "activation": "relu"})
+  c.student = ml_collections.ConfigDict({"kind": "mlp", "hidden": (8,), "activation": "relu"})
   c.teacher_steps = 1500
   c.generation_steps = 800         # optimizer steps per student generation (and for q0)
   c.optimizer = ml_collections.ConfigDict({
@@ -65,7 +66,7 @@ def get_config(arg=None):
   c.progress = True
 
   if args.get("smoke"):
-    c.teacher.hidden = [64]
+    c.teacher.hidden = (64,)
     c.teacher_steps = 200
     c.generation_steps = 100
     c.generations = int(args.get("generations", 2))

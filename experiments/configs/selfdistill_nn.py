@@ -25,6 +25,7 @@ def get_config(arg=None):
   args = parse_arg(arg, config="selfdistill_nn", allowed={"smoke", "seeds", "dataset"})
   c = ml_collections.ConfigDict()
   c.task = "selfdistill_nn"
+  c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
   c.dataset = args.get("dataset", "digits")
   c.data_dir = ""                   # "" -> $KDJAX_DATA_DIR or ~/.cache/kdjax/tfds
   c.seeds = int(args.get("seeds", 5))
@@ -35,7 +36,7 @@ def get_config(arg=None):
   c.clip = ""                       # "" (alpha in R, Algorithm 1) or "0,1"
   c.train_steps = 400
   c.batch_size = 64
-  c.model = ml_collections.ConfigDict({"kind": "mlp", "hidden": [64], "activation": "relu"})
+  c.model = ml_collections.ConfigDict({"kind": "mlp", "hidden": (64,), "activation": "relu"})
   c.optimizer = ml_collections.ConfigDict({
       "name": "adamw", "learning_rate": 3e-3, "schedule": "warmup_cosine", "warmup_steps": 40,
       "weight_decay": 1e-4})
