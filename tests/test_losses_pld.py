@@ -84,3 +84,50 @@ def test_bf16_and_errors():
     L.plackett_luce_kd(s[0], zt[0], np.full(16, 64))
   with pytest.raises(TypeError, match="labels"):
     L.plackett_luce_kd(s[0], zt[0], np.zeros(16))
+
+
+def test_nan_propagates_and_inf_rejected():
+  # N1: a NaN logit was treated as a removed class.
+  zs, zt = jnp.array([[1., 2., 3.], [1., 2., 3.]]), jnp.array([[jnp.nan, 1., 2.], [3., 1., 2.]])
+  y = jnp.array([1, 0])
+  for f in (L.plackett_luce_kd, jax.jit(L.plackett_luce_kd)):
+    out = np.asarray(f(zs, zt, y))
+    assert np.isnan(out[0]) and np.isfinite(out[1])
+    out = np.asarray(f(zt, zs, y))  # NaN in the student
+    assert np.isnan(out[0]) and np.isfinite(out[1])
+  with pytest.raises(ValueError, match="teacher_logits"):
+    L.plackett_luce_kd(zs, zt.at[1, 1].set(jnp.inf), y)
+
+
+def test_traced_out_of_range_labels_drop_the_position():
+  # N10: a traced label -1 wrapped around to the last class.
+  zs, zt = jnp.array([[1., 2., 3.], [1., 2., 3.]]), jnp.array([[3., 1., 2.], [3., 1., 2.]])
+  f = jax.jit(jax.value_and_grad(lambda s, y: L.plackett_luce_kd(s, zt, y).sum()))
+  for bad in (-1, 3):
+    val, g = f(zs, jnp.array([0, bad]))
+    np.testing.assert_allclose(val, L.plackett_luce_kd(zs[:1], zt[:1], jnp.array([0]))[0],
+                               rtol=1e-6)
+    assert np.all(np.asarray(g)[1] == 0)
+  with pytest.raises(ValueError, match="labels"):
+    L.plackett_luce_kd(zs, zt, jnp.array([0, -1]))
+  perm = jax.jit(L.plackett_luce_permutation)(zt, jnp.array([1, -1]))
+  np.testing.assert_array_equal(perm, [[1, 0, 2], [0, 2, 1]])
+
+
+def test_permutation_where_keyword_and_per_position_temperature():
+  zt = jnp.array([[3., 1., 2.], [0., 5., 4.]])
+  perm = L.plackett_luce_permutation(zt, where=jnp.array([False, True, True]))
+  np.testing.assert_array_equal(perm, [[2, 1, 0], [1, 2, 0]])
+  with pytest.raises(TypeError, match="where"):
+    L.plackett_luce_permutation(zt, where=jnp.array([0, 1, 1]))
+  with pytest.raises(TypeError):
+    L.plackett_luce_permutation(zt, valid=jnp.array([False, True, True]))  # renamed to where
+  rng = np.random.default_rng(6)
+  zs, zt2 = rng.normal(size=(2, 4, 5)).astype(np.float32)
+  temp = jnp.array([0.5, 1.0, 2.0, 4.0])
+  y = jnp.array([0, 1, 2, 3])
+  f = lambda a, b, c, t: L.plackett_luce_kd(a, b, c, temperature=t)
+  np.testing.assert_allclose(jax.jit(f)(zs, zt2, y, temp), jax.vmap(f)(zs, zt2, y, temp),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="temperature"):
+    L.plackett_luce_kd(zs, zt2, y, temperature=np.array([1.0, -1.0, 1.0, 1.0]))

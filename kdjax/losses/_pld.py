@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kdjax import _checks
-from kdjax.divergences import log_softmax
+from kdjax import _logspace
+from kdjax.losses import _common
 
 Array = jax.Array
 
@@ -31,36 +31,36 @@ __all__ = ["plackett_luce_permutation", "plackett_luce_kd"]
 _GAP = 1e4
 
 
-def _check_labels(labels, batch_shape, num_classes):
-  y = jnp.asarray(labels)
-  if not jnp.issubdtype(y.dtype, jnp.integer):
-    raise TypeError(f"`labels` must hold integers, got dtype {y.dtype}.")
-  if y.shape != batch_shape:
-    raise ValueError(f"`labels` must have the batch shape {batch_shape}, got {y.shape}.")
-  if not isinstance(labels, jax.core.Tracer):
-    yn = np.asarray(labels)
-    if yn.size and (yn.min() < 0 or yn.max() >= num_classes):
-      raise ValueError(f"`labels` must lie in [0, {num_classes}), got range "
-                       f"[{yn.min()}, {yn.max()}].")
-  return y
-
-
 def plackett_luce_permutation(teacher_logits: Array, labels: Array | None = None, *,
-                              axis: int = -1, valid: Array | None = None) -> Array:
-  """π*: the label first (if given), then classes by descending teacher logit; invalid last.
+                              axis: int = -1, where: Array | None = None) -> Array:
+  """π*: the label first (if given), then classes by descending teacher logit; removed last.
 
-  Returns indices of the logits shape (``axis`` holds the permutation). Ties keep class order.
+  Removed classes are ``-inf`` teacher logits and ``where=False`` entries (``where``: a boolean
+  class mask broadcastable to the logits shape). Returns int32 indices of the logits shape
+  (``axis`` holds the permutation); ties keep class order. Concrete labels outside ``[0, C)``
+  raise; a traced out-of-range label is not placed first. A NaN logit sorts last (an integer
+  permutation cannot carry NaN; :func:`plackett_luce_kd` propagates it).
   """
-  z = jnp.moveaxis(jnp.asarray(teacher_logits), axis, -1)
+  z = _checks.check_array("teacher_logits", teacher_logits)
+  ax = _checks.normalize_axis(axis, z.ndim)
+  wm = _checks.check_where(where, z.shape)
+  z = jnp.moveaxis(z, ax, -1)
   key = z.astype(_checks.compute_dtype(z))
-  ok = key > -jnp.inf if valid is None else (key > -jnp.inf) & jnp.moveaxis(valid, axis, -1)
+  ok = _logspace.valid_entries(key, None if wm is None else jnp.moveaxis(wm, ax, -1))
+  return jnp.moveaxis(_permutation(key, ok, labels), -1, ax)
+
+
+def _permutation(key, ok, labels):
+  """The permutation on [..., C] (class axis last)."""
   key = jnp.where(ok, key, -jnp.inf)
   if labels is not None:
-    first = jax.nn.one_hot(labels, z.shape[-1], dtype=bool)
+    y, y_ok = _checks.check_labels("labels", labels, key.shape[-1])
+    if y.shape != key.shape[:-1]:
+      raise ValueError(f"`labels` must have the batch shape {key.shape[:-1]}, got {y.shape}.")
+    first = jax.nn.one_hot(y, key.shape[-1], dtype=bool) & y_ok[..., None]
     key = jnp.where(first & ok, jnp.inf, key)
-  # Sort by (valid desc, key desc); -inf keys sort last already, ties stable.
-  order = jnp.argsort(-key, axis=-1, stable=True)
-  return jnp.moveaxis(order, -1, axis)
+  # Sort by key descending: -inf keys (removed) sort last, ties stable.
+  return jnp.argsort(-key, axis=-1, stable=True).astype(jnp.int32)
 
 
 def plackett_luce_kd(student_logits: Array, teacher_logits: Array, labels: Array | None = None,
@@ -77,33 +77,38 @@ def plackett_luce_kd(student_logits: Array, teacher_logits: Array, labels: Array
     student_logits: ``[..., C]`` student logits s.
     teacher_logits: teacher logits z_T, same shape (ranking and confidences; no gradient is
       intended through the ranking, which is piecewise constant).
-    labels: optional integer labels (batch shape) placed first in π*.
-    temperature: T > 0 of the confidence weights α.
+    labels: optional integer labels (batch shape) placed first in π*. Concrete labels outside
+      ``[0, C)`` raise; a traced out-of-range label drops its position (value 0, gradient 0).
+    temperature: T > 0 of the confidence weights α (scalar or per position).
     axis: the class axis.
     where: optional class mask (logits shape; masked classes leave the list) or position mask
       (batch shape; masked positions give 0).
 
   Returns:
-    Per-position loss, the logits shape without ``axis``.
+    Per-position loss, the logits shape without ``axis``. NaN logits propagate.
   """
   s = _checks.check_array("student_logits", student_logits)
   t = _checks.check_array("teacher_logits", teacher_logits)
   _checks.check_same_shape("student_logits", s, "teacher_logits", t)
+  _checks.check_no_posinf("student_logits", student_logits)
+  _checks.check_no_posinf("teacher_logits", teacher_logits)
   ax = _checks.normalize_axis(axis, s.ndim)
-  _checks.check_positive("temperature", temperature)
   vocab_mask, batch_mask = _checks.split_where(where, s.shape, ax)
   dtype = _checks.compute_dtype(s, t)
+  temp = _common.temperature_array(temperature, s.shape, ax, dtype)
   s = jnp.moveaxis(s.astype(dtype), ax, -1)
   t = jnp.moveaxis(t.astype(dtype), ax, -1)
+  temp = jnp.moveaxis(temp, ax, -1)
   vm = None if vocab_mask is None else jnp.moveaxis(vocab_mask, ax, -1)
-  y = None
+  valid = _logspace.valid_entries(s, vm) & _logspace.valid_entries(t)
+  keep = jnp.any(valid, axis=-1)
   if labels is not None:
-    y = _check_labels(labels, s.shape[:-1], s.shape[-1])
-  valid = (s > -jnp.inf) & (t > -jnp.inf)
-  if vm is not None:
-    valid = valid & vm
-  alpha_log = log_softmax(t / jnp.asarray(temperature, dtype), axis=-1, where=valid)
-  order = plackett_luce_permutation(t, y, valid=valid)
+    _, y_ok = _checks.check_labels("labels", labels, s.shape[-1])
+    if y_ok.shape != keep.shape:
+      raise ValueError(f"`labels` must have the batch shape {keep.shape}, got {y_ok.shape}.")
+    keep = keep & y_ok
+  alpha_log = _logspace.masked_log_softmax(t / temp, axis=-1, where=valid)
+  order = _permutation(t, valid, labels)
   s_perm = jnp.take_along_axis(s, order, axis=-1)
   ok_perm = jnp.take_along_axis(valid, order, axis=-1)
   alpha = jnp.exp(jnp.take_along_axis(alpha_log, order, axis=-1))
@@ -113,7 +118,6 @@ def plackett_luce_kd(student_logits: Array, teacher_logits: Array, labels: Array
   suffix_lse = jax.lax.cumlogsumexp(s_safe, axis=s_safe.ndim - 1, reverse=True)
   terms = jnp.where(ok_perm, alpha * (suffix_lse - s_safe), 0.0)
   values = jnp.sum(terms, axis=-1)
-  keep = jnp.any(valid, axis=-1)
   if batch_mask is not None:
     keep = keep & batch_mask
   return jnp.where(keep, values, 0.0)
