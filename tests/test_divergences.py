@@ -376,3 +376,240 @@ def test_sharded_over_8_devices_equals_single_device():
   pair = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 3,
                                out_specs=P()))(*args)
   np.testing.assert_allclose(R.finalize_mean(pair), v_single, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- regressions
+# Each test below fails on 7229df3 (the repro of the defect as an assertion).
+
+import chex  # noqa: E402
+
+from kdjax import _logspace  # noqa: E402
+
+_S3, _T3 = jnp.array([1.0, 2.0, 3.0]), jnp.array([3.0, 1.0, 2.0])
+
+
+class NaNPropagates(chex.TestCase):
+  """N1: a NaN logit is never treated as a masked entry."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nan_reaches_the_value(self):
+    for name, fn in LOGIT_FNS.items():
+      f = self.variant(lambda s, t, fn=fn: fn(s, t))
+      assert np.isnan(f(_S3, _T3.at[0].set(jnp.nan))), name
+      assert np.isnan(f(_S3, jnp.full(3, jnp.nan))), name
+      assert np.isnan(f(_S3.at[1].set(jnp.nan), _T3)), name
+      assert np.isfinite(f(_S3, _T3)), name
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nan_at_a_masked_position_is_dropped(self):
+    s = jnp.stack([_S3, _S3.at[0].set(jnp.nan)])
+    t = jnp.stack([_T3, _T3])
+    keep = jnp.array([True, False])
+    for name, fn in LOGIT_FNS.items():
+      f = self.variant(lambda s, fn=fn: fn(s, t, where=keep))
+      v = f(s)
+      g = jax.grad(lambda s: f(s).sum())(s)
+      assert float(v[1]) == 0.0 and np.all(np.asarray(g[1]) == 0.0), name
+      assert np.isfinite(float(v[0])), name
+
+
+def test_posinf_logits_rejected_when_concrete_nan_when_traced():
+  for name, fn in LOGIT_FNS.items():
+    with pytest.raises(ValueError, match="teacher_logits"):
+      fn(_S3, _T3.at[0].set(jnp.inf))
+    with pytest.raises(ValueError, match="student_logits"):
+      fn(_S3.at[0].set(jnp.inf), _T3)
+    assert np.isnan(jax.jit(fn)(_S3.at[0].set(jnp.inf), _T3)), name
+  with pytest.raises(ValueError, match="logits"):
+    D.log_softmax(jnp.array([0.0, jnp.inf]))
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_FNS))
+def test_per_row_temperature_equals_vmap(name):
+  """N3: a [B] temperature is applied per row (it was broadcast along V)."""
+  s = jax.random.normal(jax.random.key(0), (4, 4))
+  t = jax.random.normal(jax.random.key(1), (4, 4))
+  temp = jnp.array([1.0, 2.0, 3.0, 4.0])
+  fn = LOGIT_FNS[name]
+  kw = _kwargs(name, 0.3, 0.3)
+  per_row = jax.vmap(lambda a, b, c: fn(a, b, temperature=c, **kw))(s, t, temp)
+  np.testing.assert_allclose(fn(s, t, temperature=temp, **kw), per_row, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(jax.jit(lambda c: fn(s, t, temperature=c, **kw))(temp), per_row,
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_per_row_skew_and_beta_equal_vmap():
+  s = jax.random.normal(jax.random.key(0), (3, 5))
+  t = jax.random.normal(jax.random.key(1), (3, 5))
+  c = jnp.array([0.0, 0.3, 1.0])
+  for fn, key in ((D.skew_forward_kl, "skew"), (D.skew_reverse_kl, "skew"),
+                  (D.generalized_jsd, "beta")):
+    per_row = jax.vmap(lambda a, b, x: fn(a, b, **{key: x}))(s, t, c)
+    np.testing.assert_allclose(fn(s, t, **{key: c}), per_row, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs,arg", [
+    ({"temperature": jnp.array([1.0, -2.0])}, "temperature"),
+    ({"temperature": np.array([1.0, np.nan])}, "temperature"),
+    ({"temperature": jnp.ones(3)}, "temperature"),      # not broadcastable to the batch [2]
+    ({"skew": jnp.array([[0.1], [2.0]])}, "skew"),
+])
+def test_array_hyperparameters_checked_elementwise(kwargs, arg):
+  z = jnp.zeros((2, 3))
+  fn = D.skew_forward_kl if "skew" in kwargs else D.forward_kl
+  with pytest.raises(ValueError, match=arg):
+    fn(z, z, **kwargs)
+
+
+def test_hyperparameter_types_name_the_argument():
+  """N24: a str or bool temperature is a TypeError naming it."""
+  z = jnp.zeros((2, 3))
+  for bad in ("2", True, None):
+    with pytest.raises(TypeError, match="temperature"):
+      D.forward_kl(z, z, temperature=bad)
+  with pytest.raises(TypeError, match="beta"):
+    D.generalized_jsd(z, z, beta="0.5")
+  # NumPy and integral scalars are accepted.
+  np.testing.assert_allclose(D.forward_kl(_S3, _T3, temperature=np.int64(2)),
+                             D.forward_kl(_S3, _T3, temperature=2.0), rtol=1e-6)
+
+
+class GeneralizedJSDEndpoints(chex.TestCase):
+  """N6: the endpoint convention is the same eagerly and under jit (value and gradient)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_endpoints(self):
+    f = self.variant(lambda s, b: D.generalized_jsd(s, _T3, beta=b))
+    g = self.variant(jax.grad(lambda s, b: D.generalized_jsd(s, _T3, beta=b)))
+    for b, ref in ((0.0, D.forward_kl), (1.0, D.reverse_kl)):
+      np.testing.assert_allclose(f(_S3, b), ref(_S3, _T3), rtol=1e-6)
+      np.testing.assert_allclose(g(_S3, b), jax.grad(lambda s: ref(s, _T3))(_S3), rtol=1e-5)
+    raw = self.variant(lambda s, b: D.generalized_jsd(s, _T3, beta=b, endpoint="raw"))
+    np.testing.assert_allclose(raw(_S3, 0.0), 0.0, atol=1e-7)
+    np.testing.assert_allclose(f(_S3, 0.5), raw(_S3, 0.5), rtol=1e-6)
+
+
+def test_temperature_gradient_with_a_minus_inf_entry():
+  """N18: d/dT is the one without the -inf entry (it was NaN)."""
+  for fn in LOGIT_FNS.values():
+    with_inf = jax.grad(lambda T, fn=fn: fn(jnp.array([0., 1., -jnp.inf]),
+                                            jnp.array([1., 0., -jnp.inf]), temperature=T))(2.0)
+    without = jax.grad(lambda T, fn=fn: fn(jnp.array([0., 1.]), jnp.array([1., 0.]),
+                                           temperature=T))(2.0)
+    np.testing.assert_allclose(with_inf, without, rtol=1e-6)
+    assert np.isfinite(with_inf)
+
+
+def test_where_rule():
+  """A1: boolean only; a broadcast [B, 1] position mask equals the [B] mask."""
+  s = jax.random.normal(jax.random.key(0), (3, 5))
+  t = jax.random.normal(jax.random.key(1), (3, 5))
+  m = jnp.array([True, False, True])
+  for fn in LOGIT_FNS.values():
+    np.testing.assert_array_equal(fn(s, t, where=m[:, None]), fn(s, t, where=m))
+    with pytest.raises(TypeError, match="where"):
+      fn(s, t, where=m.astype(jnp.float32))
+  p, q = jax.nn.softmax(s), jax.nn.softmax(t)
+  for f in (lambda w: D.kl(p=p, q=q, where=w), lambda w: D.total_variation_from_probs(
+      p=p, q=q, where=w), lambda w: D.entropy_from_log(jnp.log(p), where=w)):
+    np.testing.assert_array_equal(f(m[:, None]), f(m))
+    assert float(f(m)[1]) == 0.0
+    with pytest.raises(TypeError, match="where"):
+      f(m.astype(jnp.int32))
+  # A vocabulary mask on probabilities restricts the sum.
+  vm = jnp.arange(5) < 3
+  np.testing.assert_allclose(D.total_variation_from_probs(p=p, q=q, where=vm),
+                             0.5 * jnp.sum(jnp.abs(p - q)[:, :3], -1), rtol=1e-6)
+
+
+def test_probability_functions_are_keyword_only():
+  """A3: `kl_from_log(lp, lq)` positionally (optax's order reads the reverse) is an error."""
+  lp, lq = jax.nn.log_softmax(_S3), jax.nn.log_softmax(_T3)
+  for fn, args in ((D.kl_from_log, (lp, lq)), (D.kl, (jnp.exp(lp), jnp.exp(lq))),
+                   (D.generalized_jsd_from_log, (lp, lq)),
+                   (D.total_variation_from_probs, (jnp.exp(lp), jnp.exp(lq)))):
+    with pytest.raises(TypeError):
+      fn(*args)
+  np.testing.assert_allclose(D.kl_from_log(log_p=lq, log_q=lp), D.forward_kl(_S3, _T3),
+                             rtol=1e-6)
+
+
+def test_probability_functions_bfloat16_computed_in_float32():
+  """N7: bf16 in -> float32 out, equal to float32 on the up-cast input."""
+  lp = jax.nn.log_softmax(jax.random.normal(jax.random.key(0), (4, 8)))
+  lq = jax.nn.log_softmax(jax.random.normal(jax.random.key(1), (4, 8)))
+  lp16, lq16 = lp.astype(jnp.bfloat16), lq.astype(jnp.bfloat16)
+  up = lambda x: x.astype(jnp.float32)
+  cases = [
+      (lambda a, b: D.generalized_jsd_from_log(log_p=a, log_q=b, beta=0.3), lp16, lq16),
+      (lambda a, b: D.kl_from_log(log_p=a, log_q=b), lp16, lq16),
+      (lambda a, b: D.total_variation_from_probs(p=a, q=b), jnp.exp(lp16), jnp.exp(lq16)),
+      (lambda a, b: D.entropy_from_log(a), lp16, lq16),
+      (lambda a, b: D.log_mixture(0.3, a, b), lp16, lq16),
+      (lambda a, b: D.log_softmax(a), lp16, lq16),
+  ]
+  for f, a, b in cases:
+    out = f(a, b)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, f(up(a), up(b)), rtol=1e-6, atol=1e-7)
+
+
+def test_invalid_distributions_rejected_when_concrete():
+  """N9."""
+  with pytest.raises(ValueError, match="`p`"):
+    D.kl(p=jnp.array([2., 3.]), q=jnp.array([.5, .5]))
+  with pytest.raises(ValueError, match="`p`"):
+    D.total_variation_from_probs(p=jnp.array([-1., 2.]), q=jnp.array([.5, .5]))
+  with pytest.raises(ValueError, match="weight"):
+    D.log_mixture(2.0, jnp.log(jnp.array([.5, .5])), jnp.log(jnp.array([.5, .5])))
+  with pytest.raises(ValueError, match="log_q"):
+    D.kl_from_log(log_p=jnp.log(jnp.array([.5, .5])), log_q=jnp.array([0.0, 0.0]))
+  with pytest.raises(ValueError, match="beta"):
+    D.generalized_jsd_from_log(log_p=jnp.log(jnp.array([.5, .5])),
+                               log_q=jnp.log(jnp.array([.5, .5])), beta=jnp.array([0.5, 2.0]))
+  # Traced inputs are unchecked (documented).
+  jax.jit(lambda p: D.kl(p=p, q=jnp.array([.5, .5])))(jnp.array([2., 3.]))
+
+
+def _reference_kl(z_p, z_q):
+  """Autodiff reference for the closed-form KL core: plogratio(log_softmax(p), log_softmax(q))."""
+  lp = _logspace.masked_log_softmax(z_p)
+  lq = _logspace.masked_log_softmax(z_q)
+  keep = _logspace.row_nonempty(lp, -1) & _logspace.row_nonempty(lq, -1)
+  return jnp.where(keep, _logspace.plogratio(lp, lq, -1), 0.0)
+
+
+class ClosedFormKLCore(chex.TestCase):
+  """The fast path (closed-form backward) equals the plain reference in value and gradients."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_value_and_both_gradients(self):
+    ninf = -jnp.inf
+    zs = jnp.array([[1.0, -2.0, 0.5, 3.0], [0.2, ninf, 1.0, 2.0], [ninf] * 4, [1e4, -1e4, 0., 5.],
+                    [0.0, ninf, 1.0, 0.0], [0.3, 0.1, -0.2, 0.0]])
+    zt = jnp.array([[0.0, 1.0, -1.0, 2.0], [1.0, ninf, ninf, 0.0], [ninf] * 4, [-1e4, 1e4, 3., 0.],
+                    [0.0, 2.0, 1.0, 0.0], [ninf] * 4])
+    for fn, args in ((D.forward_kl, lambda a, b: (b, a)), (D.reverse_kl, lambda a, b: (a, b))):
+      f = self.variant(fn)
+      np.testing.assert_allclose(f(zs, zt), _reference_kl(*args(zs, zt)), rtol=1e-6)
+      cot = jnp.arange(1.0, 7.0)
+      g = jax.grad(lambda a, b: jnp.sum(cot * f(a, b)), argnums=(0, 1))
+      # Rows with a support violation (value +inf) have no reference gradient to compare.
+      finite = np.isfinite(np.asarray(f(zs, zt)))
+      gr = jax.grad(lambda a, b: jnp.sum(jnp.where(finite, cot * _reference_kl(*args(a, b)), 0.)),
+                    argnums=(0, 1))
+      for x, y in zip(self.variant(g)(zs, zt), gr(zs, zt)):
+        assert np.all(np.isfinite(x))
+        np.testing.assert_allclose(np.asarray(x)[finite], np.asarray(y)[finite], rtol=1e-5,
+                                   atol=1e-7)
+
+  def test_float64_gradients_match_finite_differences(self):
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(9)
+      zs = jnp.asarray(rng.normal(size=(3, 5)))
+      zt = jnp.asarray(rng.normal(size=(3, 5))).at[0, 2].set(-jnp.inf)
+      zs = zs.at[0, 2].set(-jnp.inf)
+      T = jnp.array([1.0, 2.0, 0.7])
+      for fn in (D.forward_kl, D.reverse_kl):
+        check_grads(lambda s, t, c, fn=fn: fn(s, t, temperature=c), (zs, zt, T), order=1,
+                    modes=["rev"], atol=1e-6, rtol=1e-6)

@@ -239,3 +239,80 @@ def test_axiom_checkers_pass_valid_and_flag_bad_operators(x64):
   ok = ops.check_aggregation_axioms(lambda lps, w: ops.aggregate(lps, weights=w),
                                     num_draws=100, num_classes=(4,))
   assert not {"G1", "G2", "G3"} & set(ok.failed(1e-12))
+
+
+# ----------------------------------------------------------------------------- regressions (defects file)
+
+_LPS = jnp.log(jnp.array([[.7, .2, .1], [.1, .1, .8]]))
+
+
+def test_power_pool_continuous_as_beta_to_zero():  # N12
+  geo = np.asarray(ops.aggregate(_LPS, kind="geometric"))
+  with jax.enable_x64(True):
+    ref = lambda b: np.asarray(ops.aggregate(jnp.asarray(np.log([[.7, .2, .1], [.1, .1, .8]])),
+                                             kind="power", power=b))
+    for b in (1e-8, 1e-6, 1e-4):
+      r64 = ref(b)
+      for fn in (lambda b: ops.aggregate(_LPS, kind="power", power=b),
+                 jax.jit(lambda b: ops.aggregate(_LPS, kind="power", power=b))):
+        got = np.asarray(fn(jnp.float32(b)))
+        np.testing.assert_allclose(got, r64, atol=2e-6)
+        np.testing.assert_allclose(got, geo, atol=1e-4)   # old code: 0.48 nats off at 1e-8
+
+
+def test_aggregate_nan_propagates_and_named_weight_error():  # N1, N24
+  bad = _LPS.at[0, 0].set(jnp.nan)
+  assert np.isnan(np.asarray(ops.aggregate(bad, kind="arithmetic"))[0])  # old: NaN dropped
+  assert np.isnan(np.asarray(jax.jit(lambda x: ops.aggregate(x, kind="geometric"))(bad))).all()
+  with pytest.raises(ValueError, match="weights.*NaN"):
+    ops.aggregate(_LPS, weights=jnp.array([jnp.nan, .6]))
+
+
+def test_meta_teacher_rejects_unnormalised_and_uses_power():  # N9, A4
+  with pytest.raises(ValueError, match="log_p0"):
+    ops.meta_teacher(jnp.zeros(3), jnp.log(jnp.array([.2, .3, .5])), alpha=.5)
+  with pytest.raises(TypeError):
+    ops.meta_teacher(_LPS[0], _LPS[1], alpha=.5, kind="power", beta=.5)  # pylint: disable=unexpected-keyword-arg
+  m = ops.meta_teacher(_LPS[0], _LPS[1], alpha=.5, kind="power", power=.5)
+  np.testing.assert_allclose(np.exp(m).sum(), 1.0, atol=1e-6)
+
+
+def test_recurse_eager_does_not_retrace_and_rejects_disjoint_geometric():  # P4, N25
+  lp0, lq = _LPS[0], _LPS[1]
+  ops.recurse(lp0, lq, alpha=.3, steps=20)
+  from kdjax.operators import recursion  # pylint: disable=import-outside-toplevel
+  n = recursion._recurse_builtin._cache_size()  # pylint: disable=protected-access
+  ops.recurse(lp0, lq, alpha=.3, steps=20)
+  assert recursion._recurse_builtin._cache_size() == n  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="disjoint"):
+    ops.recurse(jnp.log(jnp.array([1., 0.])), jnp.log(jnp.array([0., 1.])), alpha=.5, steps=2,
+                kind="geometric")
+
+
+def test_fixed_point_tolerance_residual_and_gradients():  # N13, N14, N24, N25
+  lp0, lq = jnp.log(jnp.array([.7, .2, .1])), jnp.log(jnp.array([.1, .1, .8]))
+  f = lambda x, a: ops.meta_teacher(lp0, x, alpha=a)  # noqa: E731
+  res = ops.fixed_point(f, lq, 1e-3, return_residual=True)
+  assert bool(res.converged) and float(res.residual) <= 1e-6
+  np.testing.assert_allclose(res.value, lp0, atol=2e-3)        # old: [-1.09 -1.97 -0.65]
+  g = jax.grad(lambda a: ops.fixed_point(f, lq, a)[0])(1e-3)
+  assert abs(float(g)) < 1.0                                   # old: 336.6 (float32 floor ~0.1)
+  with jax.enable_x64(True):
+    lp0d, lqd = jnp.log(jnp.array([.7, .2, .1])), jnp.log(jnp.array([.1, .1, .8]))
+    fd = lambda x, a: ops.meta_teacher(lp0d, x, alpha=a)  # noqa: E731
+    np.testing.assert_allclose(ops.fixed_point(fd, lqd, jnp.float64(1e-3)), lp0d, atol=1e-8)
+    assert abs(float(jax.grad(lambda a: ops.fixed_point(fd, lqd, a)[0])(jnp.float64(1e-3)))) < 1e-5
+  assert np.isnan(np.asarray(ops.fixed_point(f, lq, 1e-3, iters=10))).all()  # not converged
+  gc = jax.grad(lambda c: ops.fixed_point(lambda x, p: .5 * x + c, 0., None))(1.0)
+  np.testing.assert_allclose(gc, 2.0, rtol=1e-5)               # old: UnexpectedTracerError
+  with pytest.raises(TypeError, match="iters"):
+    ops.fixed_point(f, lq, .5, iters=2.5)
+  with pytest.raises(ValueError, match="iters"):
+    ops.fixed_point(f, lq, .5, iters=-1)
+
+
+def test_soften_nan_propagates_and_finite_temperature_grad():  # N1, N18
+  lp = jnp.log(jnp.array([.5, .5, 0.]))
+  assert np.isnan(np.asarray(ops.soften(lp.at[0].set(jnp.nan), temperature=2.))).all()
+  g = jax.grad(lambda t: ops.soften(lp, temperature=t)[0])(2.0)
+  assert np.isfinite(float(g))
