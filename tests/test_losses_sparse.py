@@ -135,3 +135,77 @@ def test_masks_extremes_bf16_errors():
     L.topk_tail_kl(a, ids[..., :1, :], lp[..., :1, :])
   with pytest.raises(ValueError, match="target_ids"):
     L.random_sampling_kd(a, np.full((4, 16, 2), 64), np.ones((4, 16, 2)))
+
+
+# ----------------------------------------------------------------------------- contract edges
+
+@pytest.mark.parametrize("fn", [L.topk_tail_kl, L.truncated_topk_kl], ids=["tail", "truncated"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_padded_topk_row_is_neutral_without_where(fn, jit):
+  """A cache row padded with -inf values (ids 0) is empty: 0 and zero gradient, no `where`."""
+  zs = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6)), jnp.float32)
+  zt = jnp.asarray(np.random.default_rng(1).normal(size=(3, 6)), jnp.float32)
+  ids, lp = L.topk_teacher(zt, k=2)
+  ids, lp = ids.at[1].set(0), lp.at[1].set(-jnp.inf)
+  f = (lambda s, l: fn(s, ids, l))
+  f = jax.jit(f) if jit else f
+  out = f(zs, lp)
+  assert float(out[1]) == 0.0 and np.isfinite(np.asarray(out)).all()
+  gs, gl = jax.grad(lambda s, l: f(s, l).sum(), argnums=(0, 1))(zs, lp)
+  assert np.all(np.asarray(gs)[1] == 0) and np.isfinite(np.asarray(gs)).all()
+  assert np.all(np.asarray(gl)[1] == 0)
+  # the other rows are what they are without the padded row
+  keep = jnp.array([0, 2])
+  np.testing.assert_allclose(np.asarray(out)[[0, 2]],
+                             np.asarray(fn(zs[keep], ids[keep], lp[keep])), rtol=1e-6)
+
+
+def test_nan_propagates_in_sparse_losses():
+  zs = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6)), jnp.float32)
+  zt = jnp.asarray(np.random.default_rng(1).normal(size=(3, 6)), jnp.float32)
+  ids, lp = L.topk_teacher(zt, k=2)
+  bad_s = zs.at[0, 5].set(jnp.nan)   # a NaN outside the top-k set still reaches row 0
+  for fn in (L.topk_tail_kl, L.truncated_topk_kl):
+    out = np.asarray(fn(bad_s, ids, lp))
+    assert np.isnan(out[0]) and np.isfinite(out[1:]).all()
+    assert np.isnan(np.asarray(fn(zs, ids, lp.at[2, 0].set(jnp.nan)))[2])
+  sids, w = L.sample_sparse_targets(jax.random.key(0), zt.at[1, 3].set(jnp.nan), num_samples=4)
+  assert np.isnan(np.asarray(w)[1]).all() and np.isfinite(np.asarray(w)[[0, 2]]).all()
+  sids, w = L.sample_sparse_targets(jax.random.key(0), zt, num_samples=4)
+  assert np.isnan(np.asarray(L.random_sampling_kd(bad_s, sids, w))[0])
+
+
+def test_concrete_topk_inputs_checked():
+  zs = jnp.zeros((2, 6))
+  ids = jnp.array([[0, 1], [2, 3]])
+  lp = jnp.log(jnp.array([[.5, .3], [.4, .4]]))
+  with pytest.raises(ValueError, match="topk_ids.*repeat"):
+    L.topk_tail_kl(zs, ids.at[0, 1].set(0), lp)
+  # duplicates among padding entries (-inf) are allowed
+  L.topk_tail_kl(zs, ids.at[0].set(0), lp.at[0].set(-jnp.inf))
+  with pytest.raises(ValueError, match="topk_log_probs"):
+    L.topk_tail_kl(zs, ids, lp + 0.5)                 # positive log-probs
+  with pytest.raises(ValueError, match="topk_log_probs"):
+    L.topk_tail_kl(zs, ids, jnp.log(jnp.array([[.7, .6], [.4, .4]])))  # mass > 1
+  with pytest.raises(ValueError, match="topk_ids"):
+    L.truncated_topk_kl(zs, ids.at[1, 0].set(-1), lp)
+  with pytest.raises(ValueError, match="target_weights"):
+    L.random_sampling_kd(zs, ids, -jnp.ones((2, 2)))
+  with pytest.raises(TypeError, match="where"):
+    L.topk_tail_kl(zs, ids, lp, where=jnp.ones(2))
+  # the one where rule: a [B, 1] position mask equals the [B] one
+  w = jnp.array([True, False])
+  np.testing.assert_array_equal(L.topk_tail_kl(zs, ids, lp, where=w),
+                                L.topk_tail_kl(zs, ids, lp, where=w[:, None]))
+
+
+def test_sample_sparse_targets_memory_does_not_grow_with_num_samples():
+  """P1: temporaries stay O(batch * V), not O(batch * N * V) (compile-time memory analysis)."""
+  b, v = 64, 4096
+  def temp(n):
+    f = jax.jit(lambda k, z: L.sample_sparse_targets(k, z, num_samples=n))
+    return f.lower(jax.random.key(0), jnp.zeros((b, v))).compile().memory_analysis() \
+        .temp_size_in_bytes
+  t16, t64 = temp(16), temp(64)
+  assert t64 < 12 * b * v * 4, t64          # a batched Gumbel draw needs > 4 * b * 64 * v * 4
+  assert t64 < 1.1 * t16 + 64 * 64 * 8, (t16, t64)
