@@ -50,7 +50,7 @@ def concrete_scalar(value: Any) -> float | None:
   if isinstance(value, numbers.Real) and not isinstance(value, bool):
     return float(value)
   arr = concrete_array(value)
-  if arr is not None and arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
+  if arr is not None and arr.ndim == 0 and jnp.issubdtype(arr.dtype, jnp.number):
     return float(arr)
   return None
 
@@ -68,8 +68,9 @@ def check_real(name: str, value: Any) -> np.ndarray | None:
   if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
     raise TypeError(f"`{name}` must be a real number or array of numbers, got {value!r}.")
   arr = concrete_array(value)
+  # jnp.issubdtype also knows bfloat16 (an ml_dtypes type NumPy does not call floating).
   if arr is None or arr.dtype == bool or not (
-      np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+      jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
     raise TypeError(f"`{name}` must be a real number or array of numbers, got {value!r}.")
   return arr.astype(np.float64)
 
@@ -250,12 +251,23 @@ def check_labels(name: str, labels: Any, num_classes: int, *,
   return jnp.where(valid, lab, 0), valid
 
 
+def simplex_atol(dtype: Any, atol: float = 1e-3) -> float:
+  """Tolerance on the mass of a stored distribution: `atol`, widened for low-precision dtypes
+  (a bfloat16 log-softmax row sums to 1 only within a few of its 2^-8 rounding steps)."""
+  try:
+    eps = float(jnp.finfo(dtype).eps)
+  except ValueError:
+    return atol
+  return max(atol, 8.0 * eps)
+
+
 def check_simplex(name: str, p: Any, *, axis: int = -1, atol: float = 1e-3,
                   log: bool = False) -> None:
   """Concrete (log-)probability vectors: non-negative (log-probs <= 0) and summing to 1."""
   arr = concrete_array(p)
   if arr is None or arr.size == 0:
     return
+  atol = simplex_atol(arr.dtype, atol)
   arr = arr.astype(np.float64)
   if np.any(np.isnan(arr)):
     return  # NaN input propagates; it is the caller's guard that fires.

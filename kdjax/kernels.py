@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 from kdjax._checks import check_array, check_positive, compute_dtype
 
+__all__ = ["squared_distances", "rbf", "laplace", "linear", "polynomial", "get_kernel", "KERNELS"]
+
 
 def _points(name: str, x) -> jax.Array:
   x = check_array(name, x, min_rank=1)

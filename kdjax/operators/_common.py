@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kdjax import _checks
@@ -31,19 +32,21 @@ def check_alpha(name: str, alpha: Any) -> None:
 
 
 def check_log_simplex(name: str, log_p: Any, axis: int = -1) -> None:
-  """Concrete log-probabilities must be normalised along `axis` (atol 1e-3 on the mass).
+  """Concrete log-probabilities must be normalised along `axis` (atol 1e-3 on the mass, wider
+  for bfloat16/float16 input).
 
   An all −inf row (an empty distribution) is allowed: the operators keep it empty. NaN input is
   not checked (it propagates).
   """
   arr = _checks.concrete_array(log_p)
-  if arr is None or arr.size == 0 or not np.issubdtype(arr.dtype, np.number):
+  if arr is None or arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.number):
     return
+  atol = _checks.simplex_atol(arr.dtype)
   arr = arr.astype(np.float64)
   if np.any(np.isnan(arr)):
     return
   mass = np.sum(np.exp(arr), axis=axis)
-  bad = (np.abs(mass - 1.0) > 1e-3) & (mass != 0)
+  bad = (np.abs(mass - 1.0) > atol) & (mass != 0)
   if np.any(bad):
     raise ValueError(f"`{name}` must be log-probabilities normalised along axis {axis} "
                      f"(probabilities summing to 1), got sums "

@@ -130,7 +130,7 @@ def _power_unnormalized(lp: Array, w: Array, beta: Any) -> Array:
   # β < 0: a zero of any used teacher makes p^β infinite, so the power mean is 0 there.
   killed = (b < 0) & jnp.any(used & ~present, axis=0)
   direct = jnp.where(killed | (lse == -jnp.inf), -jnp.inf,
-                     jnp.where(lse > -jnp.inf, lse, 0.0) / safe_b)
+                     jnp.where(lse == -jnp.inf, 0.0, lse) / safe_b)  # NaN stays NaN
   # Centred forms, where every used teacher has the class (no zero).
   all_present = jnp.all(present | ~used, axis=0)
   wu = jnp.where(used, w, 0.0)
@@ -160,7 +160,7 @@ def _prepare(log_probs, weights, kind, power, teacher_axis, axis):
   if t_ax == c_ax:
     raise ValueError(f"`teacher_axis` ({teacher_axis}) and `axis` ({axis}) must differ.")
   _check_kind(kind, power)
-  C.check_log_simplex("log_probs", lp, axis=c_ax)
+  C.check_log_simplex("log_probs", log_probs, axis=c_ax)
   moved = jnp.moveaxis(lp, (t_ax, c_ax), (0, lp.ndim - 1))
   w = _prepare_weights(weights, moved.shape[0], moved.shape[1:-1], moved.dtype)
   if kind == "power":

@@ -73,8 +73,8 @@ def meta_teacher(log_p0: Array, log_q: Array, *, alpha: Any, kind: str = "arithm
   lq = C.as_log_probs("log_q", log_q)
   _checks.check_same_shape("log_p0", lp0, "log_q", lq)
   ax = _checks.normalize_axis(axis, lp0.ndim)
-  C.check_log_simplex("log_p0", lp0, axis=ax)
-  C.check_log_simplex("log_q", lq, axis=ax)
+  C.check_log_simplex("log_p0", log_p0, axis=ax)
+  C.check_log_simplex("log_q", log_q, axis=ax)
   C.check_alpha("alpha", alpha)
   if kind not in META_KINDS:
     raise ValueError(f"`kind` must be one of {META_KINDS}, got {kind!r}.")

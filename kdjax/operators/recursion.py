@@ -141,10 +141,10 @@ def recurse(log_p0: Array, log_q0: Array, *, alpha: Any, steps: int | None = Non
   if kind not in META_KINDS:
     raise ValueError(f"`kind` must be one of {META_KINDS}, got {kind!r}.")
   ax = _checks.normalize_axis(axis, lp0.ndim)
-  C.check_log_simplex("log_p0", lp0, axis=ax)
-  C.check_log_simplex("log_q0", lq0, axis=ax)
+  C.check_log_simplex("log_p0", log_p0, axis=ax)
+  C.check_log_simplex("log_q0", log_q0, axis=ax)
   # Validates kind / power / temperature (raises like meta_teacher); one cached compiled call.
-  meta_teacher(lp0, lq0, alpha=0.5, kind=kind, power=power, temperature=temperature, axis=ax)
+  meta_teacher(log_p0, log_q0, alpha=0.5, kind=kind, power=power, temperature=temperature, axis=ax)
   _check_common_support(kind, power, lp0, lq0, ax)
   b = _checks.concrete_scalar(power) if power is not None else None
   t = jnp.asarray(1.0 if temperature is None else temperature, dtype)
@@ -242,7 +242,7 @@ def project_mixture(log_m: Array, log_components: Array, *, iters: int = 5000,
 
   def em(_, pi):
     q = pi @ comp                                                    # [..., K]
-    ratio = jnp.where(m > 0, m / jnp.where(q > 0, q, 1.0), 0.0)
+    ratio = jnp.where(m == 0, 0.0, m / jnp.where(q > 0, q, 1.0))   # NaN in m propagates
     new = pi * (ratio @ comp.T)                                      # [..., J]
     return new / jnp.sum(new, axis=-1, keepdims=True)
 
@@ -305,7 +305,7 @@ def project_softmax_linear(log_m: Array, features: Array, *, iters: int = 30,
 
   def objective(wflat):
     lq = jax.nn.log_softmax(_sl_logits(wflat.reshape(d, k - 1), phi), axis=-1)
-    return -jnp.mean(jnp.sum(jnp.where(m > 0, m * lq, 0.0), axis=-1))
+    return -jnp.mean(jnp.sum(jnp.where(m == 0, 0.0, m * lq), axis=-1))
 
   # Closed-form derivatives of the softmax-regression cross-entropy (what jax.grad/jax.hessian
   # would give, at a fraction of the compile time): with s_n = Σ_k m_nk and q' = q[:, :K−1],
@@ -343,7 +343,9 @@ def project_softmax_linear(log_m: Array, features: Array, *, iters: int = 30,
     return jnp.where(objective(w - t * direction) <= f0, w - t * direction, w)
 
   w = jax.lax.fori_loop(0, iters, newton, w)
-  w = w.reshape(d, k - 1)
+  # W is shared by all rows, so a NaN target anywhere makes the whole fit NaN (the Newton
+  # step's "accept only if not worse" test would otherwise silently ignore it).
+  w = jnp.where(jnp.any(jnp.isnan(lm)) | jnp.any(jnp.isnan(phi)), jnp.nan, w.reshape(d, k - 1))
   return jax.nn.log_softmax(_sl_logits(w, phi), axis=-1), w
 
 
