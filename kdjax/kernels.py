@@ -8,6 +8,12 @@ predictors (test-train Gram).
 Reference: the toy example of Borup & Andersen, arXiv:2102.13088, uses the RBF kernel with
 gamma = 80 [paper]. The Laplace and polynomial kernels are the standard definitions (the Laplace
 kernel uses the L1 distance, as `sklearn.metrics.pairwise.laplacian_kernel`).
+
+Contract: float inputs of any precision are computed in float32 (float64 kept); a NaN in a point
+propagates to the kernel values of that point (to the whole block for squared distances of more
+than 16 features, which centre at the mean of all points); hyper-parameters are checked when
+concrete (``gamma > 0`` finite, ``degree`` an int >= 1, ``coef0`` finite; array values
+elementwise) and unchecked when traced.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kdjax._checks import check_array, check_positive, compute_dtype
+from kdjax._checks import check_array, check_int, check_positive, check_range, compute_dtype
 
 __all__ = ["squared_distances", "rbf", "laplace", "linear", "polynomial", "get_kernel", "KERNELS"]
 
@@ -38,13 +44,33 @@ def _pair(x1, x2):
   return a.astype(dt), b.astype(dt)
 
 
-def squared_distances(x1, x2) -> jax.Array:
-  """Pairwise squared Euclidean distances, `[n1, n2]`, clipped at 0.
+# Up to this many features the distances are summed feature by feature from exact differences
+# (memory n1*n2); above it the Gram expansion |a|^2 + |b|^2 - 2 a.b of the centred inputs is used.
+_DIRECT_MAX_DIM = 16
 
-  Uses |a|^2 + |b|^2 - 2 a.b (memory n1*n2, not n1*n2*dim); the clip removes the tiny negative
-  values that cancellation leaves for coincident points.
+
+def squared_distances(x1, x2) -> jax.Array:
+  r"""Pairwise squared Euclidean distances :math:`\|x_i - x'_j\|_2^2`, shape `[n1, n2]`.
+
+  Independent of a common offset of the inputs (no cancellation for un-centred data such as
+  ``x = 1000 + small``): for up to 16 features the squared differences are summed feature by
+  feature (memory n1*n2, not n1*n2*dim; exact 0 for coincident points); for more features both
+  point sets are first centred at the mean of all n1 + n2 points and
+  :math:`|a|^2 + |b|^2 - 2 a^\top b` is used, clipped at 0 (the tiny negative values that
+  cancellation leaves for near-coincident points).
   """
   a, b = _pair(x1, x2)
+  dim = a.shape[1]
+  if dim <= _DIRECT_MAX_DIM:
+    sq = jnp.zeros((a.shape[0], b.shape[0]), a.dtype)
+    for j in range(dim):
+      sq = sq + (a[:, j][:, None] - b[:, j][None, :]) ** 2
+    return sq
+  # Centre at the mean of both sets (distances are translation invariant): removes the
+  # cancellation of |a|^2 + |b|^2 - 2 a.b for inputs far from the origin.
+  n = max(a.shape[0] + b.shape[0], 1)
+  centre = jax.lax.stop_gradient((jnp.sum(a, 0) + jnp.sum(b, 0)) / n)
+  a, b = a - centre, b - centre
   sq = (jnp.sum(a * a, -1)[:, None] + jnp.sum(b * b, -1)[None, :]
         - 2.0 * jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST))
   return jnp.maximum(sq, 0.0)
@@ -75,9 +101,9 @@ def linear(x1, x2) -> jax.Array:
 
 def polynomial(x1, x2, *, degree: int = 3, gamma: float = 1.0, coef0: float = 1.0) -> jax.Array:
   r"""Polynomial kernel :math:`k(x, x') = (\gamma x^\top x' + c_0)^{p}`."""
-  if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
-    raise ValueError(f"`degree` must be an int >= 1, got {degree!r}.")
+  degree = check_int("degree", degree, low=1)
   check_positive("gamma", gamma)
+  check_range("coef0", coef0)
   return (gamma * linear(x1, x2) + coef0) ** degree
 
 
@@ -86,6 +112,6 @@ KERNELS = {"rbf": rbf, "laplace": laplace, "linear": linear, "polynomial": polyn
 
 def get_kernel(name: str):
   """Looks a kernel up by name (`rbf`, `laplace`, `linear`, `polynomial`)."""
-  if name not in KERNELS:
+  if not isinstance(name, str) or name not in KERNELS:
     raise ValueError(f"`name` must be one of {sorted(KERNELS)}, got {name!r}.")
   return KERNELS[name]
