@@ -98,3 +98,37 @@ def test_bad_arguments():
     L.multi_teacher_kd(zs, zt, weights=np.array([0.5, 0.5]))
   with pytest.raises(ValueError, match="teacher_logits"):
     L.multi_teacher_kd(zs[:, :5], zt)
+
+
+def test_axis_applies_to_student_and_teachers():
+  """N4: `axis` is the class axis of the student too (it was always softmaxed over the last)."""
+  rng = np.random.default_rng(3)
+  zs = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)          # [B, V, T]: class axis 1
+  zt = jnp.asarray(rng.normal(size=(2, 4, 6, 3)), jnp.float32)       # [M, B, V, T]
+  got = L.multi_teacher_kd(zs, zt, axis=1)
+  want = L.multi_teacher_kd(jnp.moveaxis(zs, 1, -1), jnp.moveaxis(zt, 2, -1))
+  assert got.shape == (4, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(lambda a, b: L.multi_teacher_kd(a, b, axis=1))(zs, zt),
+                             want, rtol=1e-5, atol=1e-6)
+  w = L.teacher_weights(zt, mode="confidence", axis=1)
+  np.testing.assert_allclose(w, L.teacher_weights(jnp.moveaxis(zt, 2, -1), mode="confidence"),
+                             rtol=1e-6)
+
+
+def test_nan_propagates_to_loss_and_weights():
+  rng = np.random.default_rng(4)
+  zs = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  zt = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+  for agg in ("arithmetic", "geometric", "per_teacher"):
+    out = np.asarray(L.multi_teacher_kd(zs.at[0, 1].set(jnp.nan), zt, aggregation=agg))
+    assert np.isnan(out[0]) and np.isfinite(out[1:]).all(), agg
+    out = np.asarray(L.multi_teacher_kd(zs, zt.at[1, 2, 0].set(jnp.nan), aggregation=agg))
+    assert np.isnan(out[2]) and np.isfinite(out[:2]).all(), agg
+  w = np.asarray(L.teacher_weights(zt.at[0, 1, 3].set(jnp.nan), mode="confidence"))
+  assert np.isnan(w[:, 1]).all() and np.isfinite(w[:, [0, 2]]).all()
+  w = np.asarray(L.teacher_weights(zt.at[0, 1, 3].set(jnp.nan), mode="min_ce",
+                                   labels=jnp.array([0, 1, 2])))
+  assert np.isnan(w[:, 1]).all()
+  with pytest.raises(ValueError, match="labels"):
+    L.teacher_weights(zt, mode="min_ce", labels=jnp.array([0, 5, 2]))

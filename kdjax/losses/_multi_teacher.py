@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import _checks
-from kdjax.divergences import _plogratio, log_softmax
+from kdjax import _logspace as LS
+from kdjax.losses import _common
 from kdjax.operators import aggregate
 
 Array = jax.Array
@@ -37,16 +38,24 @@ WEIGHT_MODES = ("uniform", "static", "confidence", "min_ce", "avg_ce")
 _AGGREGATIONS = ("arithmetic", "geometric", "power", "per_teacher")
 
 
-def _teacher_log_probs(teacher_logits, temperature, teacher_axis, axis):
+def _teacher_log_probs(teacher_logits, temperature, teacher_axis, axis, *, student_shape=None,
+                       vocab_mask=None, dtype=None):
+  """log softmax(z_i / T) of each teacher, as ``[M, *batch, V]`` (class axis last).
+
+  ``teacher_axis`` is the axis of ``teacher_logits`` that holds the teachers; ``axis`` is the
+  class axis of one teacher's logits (the array without the teacher axis), as for the student.
+  """
   z = _checks.check_array("teacher_logits", teacher_logits, min_rank=2)
   t_ax = _checks.normalize_axis(teacher_axis, z.ndim, "teacher_axis")
-  c_ax = _checks.normalize_axis(axis, z.ndim)
-  if t_ax == c_ax:
-    raise ValueError(f"`teacher_axis` ({teacher_axis}) and `axis` ({axis}) must differ.")
-  _checks.check_positive("temperature", temperature)
-  z = jnp.moveaxis(z, (t_ax, c_ax), (0, z.ndim - 1))
-  dtype = _checks.compute_dtype(z)
-  return log_softmax(z.astype(dtype) / jnp.asarray(temperature, dtype), axis=-1)
+  zt = jnp.moveaxis(z, t_ax, 0)                                       # [M, *shape]
+  if student_shape is not None and zt.shape[1:] != tuple(student_shape):
+    raise ValueError(f"`teacher_logits` without the teacher axis must match `student_logits`: "
+                     f"got {zt.shape[1:]} (teacher axis {teacher_axis} removed) vs "
+                     f"{tuple(student_shape)}.")
+  c_ax = _checks.normalize_axis(axis, zt.ndim - 1)
+  lp, _, _ = _common.log_probs("teacher_logits", zt, temperature, c_ax + 1,
+                               None if vocab_mask is None else vocab_mask[None], dtype)
+  return jnp.moveaxis(lp, c_ax + 1, -1), c_ax
 
 
 def teacher_weights(teacher_logits: Array, *, mode: str = "uniform", labels: Array | None = None,
@@ -66,12 +75,15 @@ def teacher_weights(teacher_logits: Array, *, mode: str = "uniform", labels: Arr
   * ``avg_ce``: w = softmax(−CE_i(y) / τ_w): a soft version of ``min_ce`` that averages the
     teachers, weighting by how well each predicts the label.
 
-  p_i = softmax(z_i / ``temperature``). ``teacher_logits`` is ``[M, *batch, V]`` by default.
+  p_i = softmax(z_i / ``temperature``). ``teacher_logits`` is ``[M, *batch, V]`` by default
+  (teachers on ``teacher_axis``; ``axis`` is the class axis of one teacher's logits, as in
+  :func:`multi_teacher_kd`).
   """
   if mode not in WEIGHT_MODES:
     raise ValueError(f"`mode` must be one of {WEIGHT_MODES}, got {mode!r}.")
   _checks.check_positive("weight_temperature", weight_temperature)
-  lp = jax.lax.stop_gradient(_teacher_log_probs(teacher_logits, temperature, teacher_axis, axis))
+  lp = jax.lax.stop_gradient(
+      _teacher_log_probs(teacher_logits, temperature, teacher_axis, axis)[0])
   m, batch = lp.shape[0], lp.shape[1:-1]
   if mode == "uniform":
     return jnp.full((m,) + batch, 1.0 / m, lp.dtype)
@@ -88,19 +100,19 @@ def teacher_weights(teacher_logits: Array, *, mode: str = "uniform", labels: Arr
     return jnp.broadcast_to(w.reshape((m,) + (1,) * len(batch)), (m,) + batch)
   tau = jnp.asarray(weight_temperature, lp.dtype)
   if mode == "confidence":
-    score = jnp.max(lp, axis=-1)
-    return jax.nn.softmax(jnp.where(jnp.isfinite(score), score, -1e30) / tau, axis=0)
+    score = jnp.max(lp, axis=-1)                  # NaN in a teacher row stays NaN
+    return jax.nn.softmax(jnp.where(score == -jnp.inf, -1e30, score) / tau, axis=0)
   if labels is None:
     raise ValueError(f"`labels` (integer, batch shape {batch}) are required for mode={mode!r}.")
-  y = jnp.asarray(labels)
-  if not jnp.issubdtype(y.dtype, jnp.integer) or y.shape != batch:
-    raise ValueError(f"`labels` must be integers of the batch shape {batch}, got {y.dtype} "
-                     f"{y.shape}.")
+  if jnp.shape(labels) != batch:
+    raise ValueError(f"`labels` must have the batch shape {batch}, got {jnp.shape(labels)}.")
+  y, _ = _checks.check_labels("labels", labels, lp.shape[-1])
   picked = jnp.take_along_axis(lp, jnp.broadcast_to(y[None, ..., None], (m,) + batch + (1,)),
                                axis=-1)[..., 0]
-  ce = jnp.where(jnp.isfinite(picked), -picked, 1e30)
+  ce = jnp.where(picked == -jnp.inf, 1e30, -picked)   # NaN stays NaN
   if mode == "min_ce":
-    return jax.nn.one_hot(jnp.argmin(ce, axis=0), m, axis=0, dtype=lp.dtype)
+    hard = jax.nn.one_hot(jnp.argmin(ce, axis=0), m, axis=0, dtype=lp.dtype)
+    return jnp.where(jnp.any(jnp.isnan(ce), axis=0), jnp.nan, hard)
   return jax.nn.softmax(-ce / tau, axis=0)
 
 
@@ -121,17 +133,20 @@ def multi_teacher_kd(student_logits: Array, teacher_logits: Array, *, weights: A
   (theory checks ``zoo.multi_teacher_*``).
 
   Args:
-    student_logits: ``[*batch, V]`` student logits (class axis ``axis``).
-    teacher_logits: ``[M, *batch, V]`` teacher logits (teacher axis ``teacher_axis``; ``axis``
-      refers to the teacher array's class axis, ``-1`` by default for both).
+    student_logits: student logits, class axis ``axis`` (e.g. ``[*batch, V]``).
+    teacher_logits: teacher logits with the teachers on ``teacher_axis`` (e.g.
+      ``[M, *batch, V]``).
     weights: ``None`` (uniform), ``[M]`` or per-example ``[M, *batch]`` (e.g. from
       :func:`teacher_weights`), on the simplex.
     aggregation: ``"arithmetic"``, ``"geometric"``, ``"power"`` or ``"per_teacher"``.
     direction: ``"forward"`` (KL(teacher ‖ student)) or ``"reverse"``.
     power: β of the power-mean pool.
-    temperature: T > 0 applied to students and teachers.
-    teacher_axis, axis: the teacher and class axes of ``teacher_logits``.
-    where: optional position mask (the student's batch shape).
+    temperature: T > 0 applied to students and teachers (scalar or per position ``[*batch]``).
+    teacher_axis: the axis of ``teacher_logits`` that holds the M teachers.
+    axis: the class axis of ``student_logits`` and of each teacher's logits (``teacher_logits``
+      with the teacher axis removed has the student's shape).
+    where: optional boolean mask broadcastable to the student logits (a position mask, size 1
+      on the class axis or the batch shape; or a vocabulary mask applied to every model).
 
   Returns:
     Per-position loss, the student's batch shape.
@@ -141,13 +156,13 @@ def multi_teacher_kd(student_logits: Array, teacher_logits: Array, *, weights: A
   if direction not in ("forward", "reverse"):
     raise ValueError(f"`direction` must be 'forward' or 'reverse', got {direction!r}.")
   s = _checks.check_array("student_logits", student_logits)
-  lpt = _teacher_log_probs(teacher_logits, temperature, teacher_axis, axis)  # [M, *batch, V]
-  if lpt.shape[1:] != s.shape:
-    raise ValueError(f"`teacher_logits` without the teacher axis must match `student_logits`: "
-                     f"got {lpt.shape[1:]} (teacher, moved to [*batch, V]) vs {s.shape}.")
-  dtype = jnp.promote_types(lpt.dtype, _checks.compute_dtype(s))
-  lq = log_softmax(s.astype(dtype) / jnp.asarray(temperature, dtype), axis=-1)
-  lpt = lpt.astype(dtype)
+  ax = _checks.normalize_axis(axis, s.ndim)
+  vocab_mask, batch_mask = _checks.split_where(where, s.shape, ax)
+  dtype = _checks.compute_dtype(s, _checks.check_array("teacher_logits", teacher_logits))
+  lpt, _ = _teacher_log_probs(teacher_logits, temperature, teacher_axis, ax, student_shape=s.shape,
+                              vocab_mask=vocab_mask, dtype=dtype)          # [M, *batch, V]
+  lq, _, _ = _common.log_probs("student_logits", s, temperature, ax, vocab_mask, dtype)
+  lq = jnp.moveaxis(lq, ax, -1)
   if aggregation == "per_teacher":
     w = aggregate(lpt, weights=weights, kind="arithmetic")  # validates the weights only
     del w
@@ -159,13 +174,14 @@ def multi_teacher_kd(student_logits: Array, teacher_logits: Array, *, weights: A
     wt = wt.reshape((m,) + (1,) * (nb - (wt.ndim - 1)) + wt.shape[1:])
     wt = jnp.broadcast_to(wt, lpt.shape[:-1])
     if direction == "forward":
-      per = _plogratio(lpt, jnp.broadcast_to(lq, lpt.shape), -1)
+      per = LS.plogratio(lpt, jnp.broadcast_to(lq, lpt.shape), -1)
     else:
-      per = _plogratio(jnp.broadcast_to(lq, lpt.shape), lpt, -1)
+      per = LS.plogratio(jnp.broadcast_to(lq, lpt.shape), lpt, -1)
     values = jnp.sum(jnp.where(wt > 0, wt * per, 0.0), axis=0)
   else:
     pool = aggregate(lpt, weights=weights, kind=aggregation, power=power)
-    values = _plogratio(pool, lq, -1) if direction == "forward" else _plogratio(lq, pool, -1)
-  nonempty = jnp.any(lq > -jnp.inf, axis=-1) & jnp.all(jnp.any(lpt > -jnp.inf, axis=-1), axis=0)
-  keep = nonempty if where is None else nonempty & jnp.asarray(where, bool)
+    values = LS.plogratio(pool, lq, -1) if direction == "forward" else LS.plogratio(lq, pool, -1)
+  keep = LS.row_nonempty(lq, -1) & jnp.all(LS.row_nonempty(lpt, -1), axis=0)
+  if batch_mask is not None:
+    keep = keep & batch_mask
   return jnp.where(keep, values, 0.0)
