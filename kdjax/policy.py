@@ -193,6 +193,8 @@ def minillm_long_term_rewards(student_token_log_probs: Array, teacher_token_log_
   lp = jax.lax.stop_gradient(_checks.check_array("teacher_token_log_probs",
                                                  teacher_token_log_probs))
   _checks.check_same_shape("student_token_log_probs", lq, "teacher_token_log_probs", lp)
+  dtype = _checks.compute_dtype(lq, lp)
+  lq, lp = lq.astype(dtype), lp.astype(dtype)
   keep = _checks.check_where(where, lq.shape)
   if keep is None:
     keep = jnp.ones(lq.shape, bool)

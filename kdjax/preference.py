@@ -200,6 +200,13 @@ def _check_scores(name, scores, shape):
   return s
 
 
+def _nan_scores(values: Array, scores: Array, cand: Array) -> Array:
+  """NaN where a kept candidate of the group has a NaN score (a comparison with NaN is False,
+  which would otherwise silently drop the candidate from the ordering)."""
+  bad = jnp.any(jnp.isnan(scores) & cand, axis=-1)
+  return jnp.where(bad, jnp.nan, values)
+
+
 # ----------------------------------------------------------------------------- core objective
 
 
@@ -464,15 +471,18 @@ def adpo_top1_loss(u: Array, order_scores: Array, *, where: Array | None = None)
   oh = one_hot_winner(s, where=cand).astype(uu.dtype)
   uu = jnp.where(cand, uu, 0.0)
   values = -jnp.sum(oh * uu, axis=-1) + _logspace.masked_logsumexp(uu, where=cand)
-  return _finish(values, cand, batch)
+  return _finish(_nan_scores(values, s, cand), cand, batch)
 
 
 def ordered_pair_count(order_scores: Array, *, where: Array | None = None) -> Array:
-  """Number of strictly ordered valid pairs per group (the hard pairwise loss's normaliser)."""
+  """Number of strictly ordered valid pairs per group (the hard pairwise loss's normaliser).
+
+  Returned as a float (float32 / float64) so that a NaN score of a kept candidate gives NaN
+  (never a silently smaller count)."""
   (s,) = _prep("order_scores", order_scores)
   cand, _ = _masks(where, s.shape)
   pm = (s[..., :, None] > s[..., None, :]) & cand[..., :, None] & cand[..., None, :]
-  return jnp.sum(pm, axis=(-2, -1))
+  return _nan_scores(jnp.sum(pm, axis=(-2, -1)).astype(s.dtype), s, cand)
 
 
 def adpo_pairwise_loss(u: Array, order_scores: Array, *, where: Array | None = None) -> Array:
@@ -491,7 +501,8 @@ def adpo_pairwise_loss(u: Array, order_scores: Array, *, where: Array | None = N
   d = uu[..., :, None] - uu[..., None, :]
   total = jnp.sum(jnp.where(pm, jax.nn.softplus(-d), 0.0), axis=(-2, -1))
   n = jnp.sum(pm, axis=(-2, -1))
-  return _finish(jnp.where(n > 0, total / jnp.maximum(n, 1), 0.0), cand, batch)
+  return _finish(_nan_scores(jnp.where(n > 0, total / jnp.maximum(n, 1), 0.0), s, cand), cand,
+                 batch)
 
 
 def adpo_soft_pairwise_loss(u: Array, q_pairs: Array, *, reduce_pairs: str = "mean",
@@ -574,7 +585,8 @@ def adpo_plackett_luce_loss(u: Array, order_scores: Array, *, top_k: int | None 
   use = (pos < k_max) & vs
   total = jnp.sum(jnp.where(use, lk, 0.0), axis=-1)
   n = jnp.squeeze(k_max, -1)
-  return _finish(jnp.where(n > 0, total / jnp.maximum(n, 1), 0.0), cand, batch)
+  return _finish(_nan_scores(jnp.where(n > 0, total / jnp.maximum(n, 1), 0.0), s, cand), cand,
+                 batch)
 
 
 def adpo_softmax_variant_loss(logp: Array, logp_ref: Array, q: Array, *, temperature: Any = 1.0,
@@ -754,6 +766,7 @@ def minmax_normalize(x: Array, *, where: Array | None = None) -> Array:
   """(x − min)/(max − min) over the whole array (masked), 0.5 if all equal [paper, code].
   NaN among the kept entries propagates."""
   x = _checks.check_array("x", x, min_rank=0)
+  x = x.astype(_checks.compute_dtype(x))
   keep = _checks.check_where(where, x.shape)
   if keep is None:
     keep = jnp.ones(x.shape, bool)

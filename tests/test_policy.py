@@ -162,3 +162,12 @@ def test_group_relative_advantages_contract():  # A6, N25
   assert np.all(np.asarray(b)[1] == 0)
   np.testing.assert_allclose(b, P.group_relative_advantages(r, where=jnp.array([[True], [False]])))
   assert np.isnan(np.asarray(P.group_relative_advantages(r.at[0, 0].set(jnp.nan)))[0]).all()
+
+
+def test_minillm_rewards_bfloat16_computed_in_float32():
+  lq = -jnp.abs(jnp.asarray(np.random.default_rng(0).normal(size=(2, 5)), jnp.bfloat16))
+  lp = -jnp.abs(jnp.asarray(np.random.default_rng(1).normal(size=(2, 5)), jnp.bfloat16))
+  out = P.minillm_long_term_rewards(lq, lp)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, P.minillm_long_term_rewards(lq.astype(jnp.float32),
+                                                              lp.astype(jnp.float32)), rtol=1e-6)

@@ -402,3 +402,22 @@ def test_module_all_is_exact():
   public = {n for n in dir(P) if not n.startswith("_") and callable(getattr(P, n))
             and getattr(getattr(P, n), "__module__", None) == P.__name__}
   assert public <= set(P.__all__), public - set(P.__all__)
+
+
+def test_nan_order_score_propagates():
+  """N1: a NaN score of a kept candidate is never silently dropped from the ordering."""
+  u = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4)), jnp.float32)
+  sc = jnp.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 3.0, 2.0]]).at[0, 2].set(jnp.nan)
+  for f in (P.adpo_top1_loss, P.adpo_pairwise_loss, P.adpo_plackett_luce_loss):
+    out = np.asarray(f(u, sc))
+    assert np.isnan(out[0]) and np.isfinite(out[1]), f.__name__
+    # a NaN score of a masked-out candidate does not matter
+    keep = jnp.array([[True, True, False, True], [True] * 4])
+    assert np.isfinite(np.asarray(f(u, sc, where=keep))).all(), f.__name__
+  n = np.asarray(P.ordered_pair_count(sc))
+  assert np.isnan(n[0]) and n[1] == 6
+
+
+def test_minmax_normalize_bfloat16_computes_in_float32():
+  x = jnp.array([[1.0, 3.0], [2.0, 5.0]], jnp.bfloat16)
+  assert P.minmax_normalize(x).dtype == jnp.float32
