@@ -11,8 +11,9 @@ For each spec the harness checks, with inputs built by the spec:
 * ``nan``: a NaN in the spec's ``nan_arg`` reaches the output (never silently masked);
 * ``grad``: the gradient of the summed output in ``grad_arg`` is finite (at ordinary inputs, and at
   ±1e4 logits where the spec says the input is logits);
-* ``where``: a boolean position mask broadcast with a trailing singleton axis equals the
-  exact-shape mask, and a non-boolean mask is a ``TypeError``;
+* ``where``: a boolean mask broadcastable to the input gives what the same mask broadcast to the
+  full shape gives (for logits functions: a batch-shape mask with or without a trailing singleton
+  axis), and a non-boolean mask is a ``TypeError``;
 * ``bad``: each listed invalid concrete input raises ``ValueError``/``TypeError`` naming the argument.
 
 A property that does not apply is switched off in the spec, with the reason in ``skip``.
@@ -141,10 +142,10 @@ SPECS: list[Spec] = [
          static={"weight": 0.3}, positional=(), bad=(({"weight": 2.0}, "weight"),)),
     # ---------------------------------------------------------------- reductions
     Spec("kdjax.reductions:masked_sum_and_count", lambda: {"values": _normal(0, (B, V))},
-         positional=("values",), where=(MASK,),
+         positional=("values",), where=(MASK[:, None], jnp.broadcast_to(MASK[:, None], (B, V))),
          bad=(({"weights": jnp.array([-1.0, 1.0, 1.0, 1.0, 1.0])}, "weights"),)),
     Spec("kdjax.reductions:masked_mean", lambda: {"values": _normal(0, (B, V))},
-         positional=("values",), where=(MASK,)),
+         positional=("values",), where=(MASK[:, None], jnp.broadcast_to(MASK[:, None], (B, V)))),
     Spec("kdjax.reductions:finalize_mean",
          lambda: {"acc": __import__("kdjax.reductions").reductions.SumAndCount(
              jnp.array(3.0), jnp.array(2))},
@@ -257,14 +258,15 @@ SPECS += [
          lambda: {"log_m": _log_simplex(0, (V,)), "log_components": _log_simplex(1, (2, V))},
          positional=("log_m", "log_components"), static={"iters": 20}),
     Spec(f"{_O}:project_softmax_linear",
-         lambda: {"log_m": _log_simplex(0, (V,)), "features": _normal(1, (V, 2))},
+         lambda: {"log_m": _log_simplex(0, (B, V)), "features": _normal(1, (B, 2))},
          positional=("log_m", "features"), static={"iters": 3}),
 ]
 
 # ----------------------------------------------------------------------------- policy
 _P = "kdjax.policy"
 TOKENS = jnp.array([0, 3, 1])
-TLP = -jnp.abs(_normal(5, (B,)))
+TLP = -jnp.abs(_normal(5, (B, 4)))            # per-token log-probs [B, T]
+TMASK = (MASK[:, None], jnp.broadcast_to(MASK[:, None], (B, 4)))
 SPECS += [
     Spec(f"{_P}:token_log_probs", lambda: {"logits": S_LOGITS, "tokens": TOKENS},
          positional=("logits", "tokens"), logits=True,
@@ -289,13 +291,13 @@ SPECS += [
          positional=("teacher_log_probs", "old_log_probs"), static={"lam": 0.5},
          bad=(({"lam": 1.5}, "lam"),)),
     Spec(f"{_P}:trrd_loss",
-         lambda: {"student_log_probs": TLP, "mix_log_probs": TLP - 0.1, "advantages": _normal(3, (B,))},
-         positional=("student_log_probs", "mix_log_probs", "advantages"), where=(MASK,)),
+         lambda: {"student_log_probs": TLP, "mix_log_probs": TLP - 0.1, "advantages": _normal(3, (B, 4))},
+         positional=("student_log_probs", "mix_log_probs", "advantages"), where=TMASK),
     Spec(f"{_P}:gopd_token_rewards",
          lambda: {"student_token_log_probs": TLP, "teacher_token_log_probs": TLP - .2,
                   "ref_token_log_probs": TLP - .1},
          positional=("student_token_log_probs", "teacher_token_log_probs", "ref_token_log_probs"),
-         where=(MASK,)),
+         where=TMASK),
     Spec(f"{_P}:gopd_objective",
          lambda: {"student_logits": S_LOGITS, "teacher_logits": T_LOGITS, "ref_logits": _normal(2, (B, V))},
          positional=("student_logits", "teacher_logits", "ref_logits"), logits=True, where=(MASK,)),
@@ -401,7 +403,9 @@ SPECS += [
     Spec(f"{_A}:paced_loss", lambda: {"losses": _normal(0, (4,)), "p": PR}, positional=("losses", "p")),
     Spec(f"{_A}:two_stage_loss",
          lambda: {"forward_loss": _normal(0, (4,)), "reverse_loss": _normal(1, (4,))},
-         positional=("forward_loss", "reverse_loss"), static={"step": 5, "switch_step": 3}),
+         positional=("forward_loss", "reverse_loss"), static={"step": 5, "switch_step": 3},
+         nan_arg="reverse_loss", grad_arg="reverse_loss",
+         skip="nan/grad: after switch_step only the reverse loss is used"),
     Spec(f"{_A}:snr_model", lambda: {"p": PR}, positional=("p",)),
     Spec(f"{_A}:snr_optimal_weight", lambda: {"mu": PR, "sigma2": PR + 0.1}, positional=("mu", "sigma2")),
     Spec(f"{_A}:efficiency", lambda: {"w": PR, "mu": PR, "sigma2": PR + 0.1}, positional=("w", "mu", "sigma2"),
@@ -571,10 +575,12 @@ def test_contract(spec: Spec):
       assert bool(jnp.all(jnp.isfinite(g))), "non-finite gradient at ±1e4 logits"
 
   if spec.where is not None:
-    (m,) = spec.where
-    exact = spec.call(arrays, where=m)
-    broad = spec.call(arrays, where=m[..., None])
-    _allclose(exact, broad)
+    if len(spec.where) == 2:      # (a broadcastable mask, the same mask at full shape)
+      m, full = spec.where
+      _allclose(spec.call(arrays, where=m), spec.call(arrays, where=full))
+    else:                         # a batch-shape mask and the same with a trailing singleton
+      (m,) = spec.where
+      _allclose(spec.call(arrays, where=m), spec.call(arrays, where=m[..., None]))
     with pytest.raises(TypeError, match="where"):
       spec.call(arrays, where=m.astype(jnp.float32))
 

@@ -111,6 +111,9 @@ def test_matches_float64_reference(name, rng, temperature, coef, scale):
     if name == "generalized_jsd" and (c < np.finfo(dtype).tiny or c == 1.0):
       return reference("forward_kl" if c < 0.5 else "reverse_kl", zs, zt,
                        temperature=temperature)
+    if c < np.finfo(dtype).tiny:
+      # A subnormal skew is 0 in the compute dtype; in float64 λ·q can still bound the ratio.
+      return reference(name, zs, zt, temperature=temperature, skew=0.0, beta=0.0)
     return reference(name, zs, zt, temperature=temperature, skew=coef, beta=coef)
 
   with jax.enable_x64(True):
@@ -600,8 +603,9 @@ class ClosedFormKLCore(chex.TestCase):
                     argnums=(0, 1))
       for x, y in zip(self.variant(g)(zs, zt), gr(zs, zt)):
         assert np.all(np.isfinite(x))
+        # atol: the ±1e4 row's O(1) gradient terms cancel to ~1e-7 in float32.
         np.testing.assert_allclose(np.asarray(x)[finite], np.asarray(y)[finite], rtol=1e-5,
-                                   atol=1e-7)
+                                   atol=1e-6)
 
   def test_float64_gradients_match_finite_differences(self):
     with jax.enable_x64(True):

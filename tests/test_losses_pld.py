@@ -35,7 +35,7 @@ def test_reference_shift_and_ce(x64):
   # alpha = e_1 (a one-hot teacher on the label) gives the CE of the label.
   onehot_t = np.where(np.arange(10) == y[:, None], 0.0, -1e4)
   np.testing.assert_allclose(L.plackett_luce_kd(s, onehot_t, y),
-                             L.softmax_cross_entropy(s, y), rtol=1e-10)
+                             L.softmax_cross_entropy_with_integer_labels(s, y), rtol=1e-10)
   # The last position contributes 0: dropping the worst class only changes its own alpha term.
   pi = np.asarray(L.plackett_luce_permutation(zt, y))
   assert np.all(pi[np.arange(6), 0] == y)
