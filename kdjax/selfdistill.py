@@ -14,7 +14,7 @@ predictions are :math:`y^{(t)} = V B^{(t)} V^\top y` with diagonal
               + (1-\alpha)^{t-1} a_k^t ,\qquad
   b^{(\infty)}_k = \frac{d_k}{d_k + \lambda / \alpha}.
 
-Layout (neural-tangents style, see ``../shared/spec/anchors.md`` §3.4):
+Layout (neural-tangents style: the factory does the expensive decomposition once):
 
 * `self_distill_predictor(k_train_train, y_train, lam=...)` does the one expensive
   eigendecomposition and returns a `SelfDistillPredictor` whose methods are cheap diagonal

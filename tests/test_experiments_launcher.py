@@ -193,7 +193,7 @@ def test_two_process_run_agrees_with_single_process(smoke_run, data_dir, tmp_pat
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
   multi = tmp_path / "multi"
-  # NPROC >= 2 x devices avoids the 2-core all-reduce deadlock (ENVIRONMENT.md).
+  # NPROC >= 2 x devices avoids the 2-core all-reduce deadlock (see tests/conftest.py).
   env = _env(data_dir, XLA_FLAGS="--xla_force_host_platform_device_count=2", NPROC="4")
   procs = [subprocess.Popen(
       _cmd(multi, "smoke", "--config.distributed=True", f"--coordinator_address=127.0.0.1:{port}",

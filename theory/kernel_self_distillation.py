@@ -1,7 +1,7 @@
 """Checks of the kernel self-distillation closed forms (write-up: kernel_self_distillation.md).
 
-Borup & Andersen, arXiv:2102.13088. Every check follows the spec's verification checklist
-(../shared/spec/kernel_self_distillation.md §10): float64, RBF Gram matrices on N <= 40 uniform
+Borup & Andersen, arXiv:2102.13088. Every check follows one protocol:
+float64, RBF Gram matrices on N <= 40 uniform
 points, lambda in 10^[-3, 1], alpha in {0, 0.3, 0.7, 1}, t <= 30, fixed seeds. The independent
 oracle is a plain NumPy re-fit (one linear solve per step on the mixed target); the library side
 is `kdjax.selfdistill` (eigendecomposition once, diagonal closed forms).

@@ -1,8 +1,8 @@
 """Checks of PACED (arXiv:2603.11178): Beta weights, pass-rate estimator, the SNR model
 (Propositions A/B), minimax robustness (Theorem 6'), loss plumbing, AKL and the two-stage schedule.
 
-Write-up: paced.md. Items follow the verification checklist of ../shared/spec/paced.md §10
-(item 11, the CPU experiment, is report-only: experiments/configs/paced_*.py). Every check runs
+Write-up: paced.md. The CPU experiment is report-only (experiments/configs/paced_*.py),
+not a check. Every check runs
 in float64 (the runner wraps it in jax.enable_x64) unless it pins float32 plumbing explicitly.
 """
 
