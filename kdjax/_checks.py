@@ -304,3 +304,15 @@ def per_position(name: str, value: Any, batch_shape: tuple[int, ...], axis: int,
                      f"shape {v.shape}.")
   v = jnp.broadcast_to(v, batch_shape)
   return jnp.expand_dims(v, axis)
+
+
+def check_logits_pair(student_logits: Any, teacher_logits: Any, axis: int
+                      ) -> tuple[jax.Array, jax.Array, int, Any]:
+  """A (student, teacher) logits pair: arrays of one shape without concrete +inf; returns
+  (student, teacher, normalised class axis, compute dtype)."""
+  s = check_array("student_logits", student_logits)
+  t = check_array("teacher_logits", teacher_logits)
+  check_same_shape("student_logits", s, "teacher_logits", t)
+  check_no_posinf("student_logits", student_logits)
+  check_no_posinf("teacher_logits", teacher_logits)
+  return s, t, normalize_axis(axis, s.ndim), compute_dtype(s, t)

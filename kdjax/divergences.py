@@ -116,15 +116,9 @@ def _scaled_logits(student_logits, teacher_logits, temperature, axis, where):
   vocabulary-masked entries and every entry of a masked position). The division happens only on
   remaining entries (double ``where``), so d/dT is finite with ``-inf`` entries (N18).
   """
-  s = _checks.check_array("student_logits", student_logits)
-  t = _checks.check_array("teacher_logits", teacher_logits)
-  _checks.check_same_shape("student_logits", s, "teacher_logits", t)
-  ax = _checks.normalize_axis(axis, s.ndim)
-  _checks.check_no_posinf("student_logits", s)
-  _checks.check_no_posinf("teacher_logits", t)
+  s, t, ax, dtype = _checks.check_logits_pair(student_logits, teacher_logits, axis)
   _checks.check_positive("temperature", temperature)
   vocab_mask, batch_mask = _checks.split_where(where, s.shape, ax)
-  dtype = _checks.compute_dtype(s, t)
   batch_shape = s.shape[:ax] + s.shape[ax + 1:]
   temp = _checks.per_position("temperature", temperature, batch_shape, ax, dtype)
   keep = vocab_mask
@@ -264,6 +258,19 @@ def _per_position_param(name, value, zs, ax, dtype):
   return _checks.per_position(name, value, zs.shape[:ax] + zs.shape[ax + 1:], ax, dtype)
 
 
+def _skew_kl(student_logits, teacher_logits, skew, temperature, axis, where, *, reverse):
+  """KL(a ‖ λa + (1 − λ)b) with (a, b) = (p_T, p_S), or (p_S, p_T) when `reverse`."""
+  _checks.check_unit_interval("skew", skew)
+  zs, zt, ax, bm, dtype = _scaled_logits(student_logits, teacher_logits, temperature, axis,
+                                         where)
+  lam = _per_position_param("skew", skew, zs, ax, dtype)
+  log_ps = _logspace.masked_log_softmax(zs, axis=ax)
+  log_pt = _logspace.masked_log_softmax(zt, axis=ax)
+  a, b = (log_ps, log_pt) if reverse else (log_pt, log_ps)
+  return _finish(_logspace.plogratio(a, _logspace.log_mixture(lam, a, b), ax), log_ps, log_pt,
+                 ax, bm)
+
+
 def skew_forward_kl(student_logits: Array, teacher_logits: Array, *, skew: Any = 0.1,
                     temperature: Any = 1.0, axis: int = -1,
                     where: Array | None = None) -> Array:
@@ -274,14 +281,7 @@ def skew_forward_kl(student_logits: Array, teacher_logits: Array, *, skew: Any =
   Reference: Ko et al., arXiv:2402.03898 [paper] (default λ = 0.1 [paper]; the bound is
   [proposed, derived]).
   """
-  _checks.check_unit_interval("skew", skew)
-  zs, zt, ax, bm, dtype = _scaled_logits(student_logits, teacher_logits, temperature, axis,
-                                         where)
-  lam = _per_position_param("skew", skew, zs, ax, dtype)
-  log_ps = _logspace.masked_log_softmax(zs, axis=ax)
-  log_pt = _logspace.masked_log_softmax(zt, axis=ax)
-  log_m = _logspace.log_mixture(lam, log_pt, log_ps)
-  return _finish(_logspace.plogratio(log_pt, log_m, ax), log_ps, log_pt, ax, bm)
+  return _skew_kl(student_logits, teacher_logits, skew, temperature, axis, where, reverse=False)
 
 
 def skew_reverse_kl(student_logits: Array, teacher_logits: Array, *, skew: Any = 0.1,
@@ -292,14 +292,7 @@ def skew_reverse_kl(student_logits: Array, teacher_logits: Array, *, skew: Any =
   λ = 0 is :func:`reverse_kl`; λ = 1 gives 0; 0 ≤ SRKL ≤ log(1/λ). λ may be per position.
   Reference: Ko et al., arXiv:2402.03898 [paper].
   """
-  _checks.check_unit_interval("skew", skew)
-  zs, zt, ax, bm, dtype = _scaled_logits(student_logits, teacher_logits, temperature, axis,
-                                         where)
-  lam = _per_position_param("skew", skew, zs, ax, dtype)
-  log_ps = _logspace.masked_log_softmax(zs, axis=ax)
-  log_pt = _logspace.masked_log_softmax(zt, axis=ax)
-  log_m = _logspace.log_mixture(lam, log_ps, log_pt)
-  return _finish(_logspace.plogratio(log_ps, log_m, ax), log_ps, log_pt, ax, bm)
+  return _skew_kl(student_logits, teacher_logits, skew, temperature, axis, where, reverse=True)
 
 
 def _jsd_raw(log_p, log_q, b, ax):

@@ -134,13 +134,7 @@ def minillm_token_reverse_kl(student_logits: Array, teacher_logits: Array, *,
 def _mixed(student_logits, teacher_logits, alpha, temperature, axis):
   _checks.check_unit_interval("alpha", alpha)
   _checks.check_positive("temperature", temperature)
-  s = _checks.check_array("student_logits", student_logits)
-  t = _checks.check_array("teacher_logits", teacher_logits)
-  _checks.check_same_shape("student_logits", s, "teacher_logits", t)
-  _checks.check_no_posinf("student_logits", student_logits)
-  _checks.check_no_posinf("teacher_logits", teacher_logits)
-  ax = _checks.normalize_axis(axis, s.ndim)
-  dtype = _checks.compute_dtype(s, t)
+  s, t, ax, dtype = _checks.check_logits_pair(student_logits, teacher_logits, axis)
   batch = s.shape[:ax] + s.shape[ax + 1:]
   temp = _checks.per_position("temperature", temperature, batch, ax, dtype)
   a = _checks.per_position("alpha", alpha, batch, ax, dtype)

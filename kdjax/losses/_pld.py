@@ -87,14 +87,8 @@ def plackett_luce_kd(student_logits: Array, teacher_logits: Array, labels: Array
   Returns:
     Per-position loss, the logits shape without ``axis``. NaN logits propagate.
   """
-  s = _checks.check_array("student_logits", student_logits)
-  t = _checks.check_array("teacher_logits", teacher_logits)
-  _checks.check_same_shape("student_logits", s, "teacher_logits", t)
-  _checks.check_no_posinf("student_logits", student_logits)
-  _checks.check_no_posinf("teacher_logits", teacher_logits)
-  ax = _checks.normalize_axis(axis, s.ndim)
+  s, t, ax, dtype = _checks.check_logits_pair(student_logits, teacher_logits, axis)
   vocab_mask, batch_mask = _checks.split_where(where, s.shape, ax)
-  dtype = _checks.compute_dtype(s, t)
   temp = _common.temperature_array(temperature, s.shape, ax, dtype)
   s = jnp.moveaxis(s.astype(dtype), ax, -1)
   t = jnp.moveaxis(t.astype(dtype), ax, -1)
