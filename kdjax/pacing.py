@@ -35,10 +35,12 @@ implementation, in the loss library). Theory and checks: ``theory/paced.md``,
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import _checks
 from kdjax.reductions import SumAndCount
@@ -55,6 +57,33 @@ __all__ = [
 _NORMALIZE_MODES = ("mean", "sum", "none")
 
 
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_data(name, x, *, low: float, low_open: bool = False, high: float | None = None,
+                allow_posinf: bool = False) -> None:
+  """Range check of a concrete data array (pass rates, weights, variances), elementwise.
+
+  NaN entries are not an error here: NaN input propagates to the output (the caller's
+  non-finite guard fires). Traced arrays are not checked.
+  """
+  arr = _checks.concrete_array(x)
+  if arr is None or arr.size == 0:
+    return
+  a = arr.astype(np.float64)
+  a = a[~np.isnan(a)]
+  bad = (a <= low) if low_open else (a < low)
+  if high is not None:
+    bad |= a > high
+  if not allow_posinf:
+    bad |= np.isposinf(a)
+  if np.any(bad):
+    rng = (f"in [{low:g}, {high:g}]" if high is not None
+           else f"{'>' if low_open else '>='} {low:g}{'' if allow_posinf else ' and finite'}")
+    raise ValueError(f"`{name}` must hold numbers {rng}, got entries "
+                     f"{np.unique(a[bad])[:4].tolist()}.")
+
+
 # ----------------------------------------------------------------------------- pass rates
 
 
@@ -62,28 +91,20 @@ def _rewards_and_mask(rewards, where):
   r = _checks.check_array("rewards", rewards, min_rank=2)
   if r.ndim != 2:
     raise ValueError(f"`rewards` must have shape [problems, rollouts], got {r.shape}.")
-  rmin = _checks.concrete_scalar(jnp.min(r)) if not isinstance(r, jax.core.Tracer) else None
-  rmax = _checks.concrete_scalar(jnp.max(r)) if not isinstance(r, jax.core.Tracer) else None
-  if r.size and rmin is not None and (rmin < 0 or rmax > 1):
-    raise ValueError(f"`rewards` must lie in [0, 1] (verifier scores), got range "
-                     f"[{rmin}, {rmax}].")
+  _check_data("rewards", r, low=0.0, high=1.0)
   dtype = _checks.compute_dtype(r)
-  if where is None:
+  keep = _checks.check_where(where, r.shape)
+  if keep is None:
     keep = jnp.ones(r.shape, bool)
-  else:
-    keep = jnp.asarray(where)
-    if keep.dtype != jnp.bool_:
-      raise TypeError(f"`where` must be a boolean mask of the rollouts, got dtype {keep.dtype}.")
-    if keep.shape != r.shape:
-      raise ValueError(f"`where` must have the rewards shape {r.shape}, got {keep.shape}.")
   return r.astype(dtype), keep
 
 
 def rollout_counts(rewards: Array, *, where: Array | None = None) -> tuple[Array, Array]:
   """(successes c, rollouts n) per problem from a ``[problems, rollouts]`` reward array.
 
-  ``where`` marks the rollouts that exist (variable rollout counts: pad with False).
-  Rewards may be graded scores in [0, 1]; c is then their sum.
+  ``where`` marks the rollouts that exist (variable rollout counts: pad with False); a boolean
+  mask broadcastable to the rewards shape. Rewards may be graded scores in [0, 1]; c is then
+  their sum. A NaN reward of a kept rollout propagates to c.
   """
   r, keep = _rewards_and_mask(rewards, where)
   c = jnp.sum(jnp.where(keep, r, 0.0), axis=1)
@@ -100,9 +121,10 @@ def pass_rate(rewards: Array, *, where: Array | None = None) -> Array:
   E[p̂(1−p̂)] = p(1−p)(1 − 1/K) — a constant factor that mean-one normalisation removes.
 
   Args:
-    rewards: ``[problems, rollouts]`` verifier rewards in [0, 1] (usually {0, 1}).
-    where: optional boolean mask of the same shape; False marks padding rollouts. A problem
-      with no rollout gets p̂ = 0 (and therefore weight 0 for α > 0).
+    rewards: ``[problems, rollouts]`` verifier rewards in [0, 1] (usually {0, 1}); concrete
+      values outside [0, 1] are a ``ValueError``, a NaN reward propagates to its problem.
+    where: optional boolean mask broadcastable to the rewards shape; False marks padding
+      rollouts. A problem with no rollout gets p̂ = 0 (and therefore weight 0 for α > 0).
 
   Returns:
     ``[problems]`` pass rates.
@@ -116,7 +138,8 @@ def posterior_pass_rate(rewards: Array, *, where: Array | None = None, a0: float
   r"""Beta-posterior mean pass rate p̂ = (c + a0) / (n + a0 + b0) (Laplace smoothing at 1, 1).
 
   Design choice (kdjax, [proposed]): an ablation option; it never returns exactly 0 or 1, so
-  no problem is skipped. A problem with no rollout gets the prior mean a0 / (a0 + b0).
+  no problem is skipped. A problem with no rollout gets the prior mean a0 / (a0 + b0). ``a0``,
+  ``b0`` > 0 (scalars or ``[problems]`` arrays, checked elementwise when concrete).
   """
   _checks.check_positive("a0", a0)
   _checks.check_positive("b0", b0)
@@ -128,9 +151,28 @@ def posterior_pass_rate(rewards: Array, *, where: Array | None = None, a0: float
 
 
 def _check_exponent(name, value):
-  v = _checks.concrete_scalar(value)
-  if v is not None and not (v >= 0 and v < float("inf")):
-    raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+  _checks.check_range(name, value, low=0.0)
+
+
+def _log_beta_weight(p: Array, alpha, beta) -> Array:
+  """log w(p) = α log p + β log(1 − p), with log 0^0 = 0, log 0^α = −inf; NaN propagates."""
+  _check_exponent("alpha", alpha)
+  _check_exponent("beta", beta)
+  p = _checks.check_array("p", p, min_rank=0)
+  _check_data("p", p, low=0.0, high=1.0)
+  dtype = _checks.compute_dtype(p)
+  p = p.astype(dtype)
+  a = jnp.asarray(alpha, dtype)
+  b = jnp.asarray(beta, dtype)
+  interior = (p > 0) & (p < 1)
+  ps = jnp.where(interior, p, 0.5)   # safe value: no log(0) in the gradient path
+  log_int = a * jnp.log(ps) + b * jnp.log1p(-ps)
+  # Boundary: p = 0 gives 0^α (1 if α = 0); p = 1 gives 0^β (1 if β = 0).
+  log_zero = jnp.where(a == 0, 0.0, -jnp.inf)
+  log_one = jnp.where(b == 0, 0.0, -jnp.inf)
+  log_w = jnp.where(interior, log_int, jnp.where(p <= 0, log_zero, log_one))
+  # NaN is not a boundary: it propagates (the comparisons above are False for NaN).
+  return jnp.where(jnp.isnan(p), p, log_w).astype(dtype)
 
 
 def beta_weight(p: Array, *, alpha: float = 1.0, beta: float = 1.0) -> Array:
@@ -138,39 +180,26 @@ def beta_weight(p: Array, *, alpha: float = 1.0, beta: float = 1.0) -> Array:
 
   w(0) = w(1) = 0 exactly for α, β > 0; maximum at p* = α/(α+β) with value
   α^α β^β / (α+β)^(α+β) (1/4 at α = β = 1); α < β favours harder problems. A zero exponent
-  drops its factor (0^0 = 1). Computed as exp(α log p + β log(1−p)), so large exponents do not
-  underflow early; finite gradient everywhere (zero outside (0, 1)).
+  drops its factor (0^0 = 1). Computed as exp(α log p + β log(1−p)); finite gradient
+  everywhere (zero outside (0, 1)). Large exponents make the raw weight tiny (at α = β = 64,
+  w(1/2) = 2^-128 is below the float32 normal range): :func:`paced_weights` normalises in log
+  space, so its weights are mean-one for any exponent. A NaN pass rate gives a NaN weight.
 
   Args:
-    p: pass rates in [0, 1] (any shape).
-    alpha, beta: exponents ≥ 0.
+    p: pass rates in [0, 1] (any shape; concrete values outside are a ``ValueError``).
+    alpha, beta: exponents ≥ 0, finite (scalars or arrays broadcastable to ``p``, checked
+      elementwise when concrete; traced values are unchecked).
   """
-  _check_exponent("alpha", alpha)
-  _check_exponent("beta", beta)
-  p = _checks.check_array("p", p, min_rank=0)
-  pv = _checks.concrete_scalar(jnp.min(p)) if p.size and not isinstance(p, jax.core.Tracer) \
-      else None
-  if pv is not None and (pv < 0 or _checks.concrete_scalar(jnp.max(p)) > 1):
-    raise ValueError("`p` must lie in [0, 1].")
-  dtype = _checks.compute_dtype(p)
-  p = p.astype(dtype)
-  a = jnp.asarray(alpha, dtype)
-  b = jnp.asarray(beta, dtype)
-  interior = (p > 0) & (p < 1)
-  ps = jnp.where(interior, p, 0.5)   # safe value: no log(0) in the gradient path
-  log_w = a * jnp.log(ps) + b * jnp.log1p(-ps)
-  w_int = jnp.exp(log_w)
-  # Boundary: p = 0 gives 0^α (1 if α = 0); p = 1 gives 0^β.
-  w_zero = jnp.where(a == 0, 1.0, 0.0)
-  w_one = jnp.where(b == 0, 1.0, 0.0)
-  return jnp.where(interior, w_int, jnp.where(p <= 0, w_zero, w_one)).astype(dtype)
+  return jnp.exp(_log_beta_weight(p, alpha, beta))
 
 
 def beta_weight_mode(alpha: float = 1.0, beta: float = 1.0) -> tuple[float, float]:
   """(p*, w(p*)) = (α/(α+β), α^α β^β/(α+β)^(α+β)) for α, β > 0 [proposed, elementary]."""
   _check_exponent("alpha", alpha)
   _check_exponent("beta", beta)
-  a, b = float(alpha), float(beta)
+  a, b = _checks.concrete_scalar(alpha), _checks.concrete_scalar(beta)
+  if a is None or b is None:
+    raise TypeError(f"`alpha` and `beta` must be concrete scalars, got {alpha!r} and {beta!r}.")
   if a + b == 0:
     raise ValueError("`alpha` + `beta` must be > 0 for the mode to be defined.")
   p_star = a / (a + b)
@@ -178,54 +207,95 @@ def beta_weight_mode(alpha: float = 1.0, beta: float = 1.0) -> tuple[float, floa
   return p_star, w_star
 
 
-def _example_mask(where, shape):
-  if where is None:
-    return jnp.ones(shape, bool)
-  m = jnp.asarray(where)
-  if m.dtype != jnp.bool_:
-    raise TypeError(f"`where` must be a boolean mask, got dtype {m.dtype}.")
-  if m.shape != tuple(shape):
-    raise ValueError(f"`where` must have the weights shape {tuple(shape)}, got {m.shape}.")
-  return m
+def _normalize_scaled(scaled: Array, log_scale: Array, keep: Array, mode: str, eps) -> Array:
+  """Normalises weights given as ``scaled · exp(log_scale)`` (max(scaled) = 1, or all 0).
+
+  Working on the scaled weights keeps every exponent in range: the result depends on the
+  weights only through their ratios, except for ``eps``, which is in the weights' own units.
+  """
+  dtype = scaled.dtype
+  scaled = jnp.where(keep, scaled, 0.0)
+  total = jnp.sum(scaled)
+  if mode == "mean":
+    n = jnp.maximum(jnp.sum(keep), 1).astype(dtype)
+    den = total / n
+  else:
+    den = total
+  zero = total == 0          # an all-zero batch (a NaN total is not zero: it propagates)
+  ls = jnp.where(jnp.isfinite(log_scale), log_scale, 0.0)
+  e = jnp.asarray(eps, dtype)
+  den = den + jnp.where(e > 0, e * jnp.exp(-ls), 0.0)
+  return jnp.where(zero, 0.0, scaled / jnp.where(zero, 1.0, den))
+
+
+def _check_mode_eps(mode, eps):
+  if not isinstance(mode, str) or mode not in _NORMALIZE_MODES:
+    raise ValueError(f"`mode` must be one of {_NORMALIZE_MODES}, got {mode!r}.")
+  _checks.check_nonneg("eps", eps)
 
 
 def normalize_weights(weights: Array, *, mode: str = "mean", where: Array | None = None,
-                      eps: float = 1e-8) -> Array:
+                      eps: float = 0.0) -> Array:
   r"""Batch normalisation of PACED weights, with stop-gradient.
 
   Design choice (kdjax, [proposed]): ``"mean"`` gives w̃_b = w_b / (mean_b w_b + ε), keeping the
   loss scale of unweighted training (efficiency is scale-invariant, so the theory is
-  unaffected); ``"sum"`` divides by the sum; ``"none"`` returns the weights as they are. An
-  all-zero batch stays all-zero (zero loss, zero gradient, no NaN). The result is wrapped in
-  ``jax.lax.stop_gradient`` (the paper's sg(·)).
+  unaffected); ``"sum"`` divides by the sum; ``"none"`` returns the weights as they are. With the
+  default ε = 0 the result has mean exactly one (sum one) however small the weights are (they
+  are rescaled by their maximum first). An all-zero batch stays all-zero (zero loss, zero
+  gradient, no NaN); a NaN weight makes the whole batch NaN (its mean is NaN). The result is
+  wrapped in ``jax.lax.stop_gradient`` (the paper's sg(·)).
 
   Args:
-    weights: ``[B]`` non-negative weights.
+    weights: ``[B]`` non-negative finite weights (concrete negative or infinite entries are a
+      ``ValueError``; traced weights are unchecked).
     mode: "mean" | "sum" | "none".
-    where: optional ``[B]`` mask of real examples (padding gets weight 0 and is not counted).
-    eps: ε > 0 in the denominator.
+    where: optional boolean mask of real examples, broadcastable to the weights shape (padding
+      gets weight 0 and is not counted).
+    eps: ε ≥ 0 added to the denominator, in the units of the weights (default 0).
   """
-  if mode not in _NORMALIZE_MODES:
-    raise ValueError(f"`mode` must be one of {_NORMALIZE_MODES}, got {mode!r}.")
-  _checks.check_positive("eps", eps)
+  _check_mode_eps(mode, eps)
   w = _checks.check_array("weights", weights, min_rank=1)
+  _check_data("weights", w, low=0.0)
   dtype = _checks.compute_dtype(w)
   w = w.astype(dtype)
-  keep = _example_mask(where, w.shape)
+  keep = _checks.check_where(where, w.shape)
+  keep = jnp.ones(w.shape, bool) if keep is None else keep
   w = jnp.where(keep, w, 0.0)
-  if mode == "mean":
-    n = jnp.maximum(jnp.sum(keep), 1).astype(dtype)
-    w = w / (jnp.sum(w) / n + eps)
-  elif mode == "sum":
-    w = w / (jnp.sum(w) + eps)
-  return jax.lax.stop_gradient(w)
+  if mode == "none":
+    return jax.lax.stop_gradient(w)
+  mx = jnp.max(w) if w.size else jnp.zeros((), dtype)
+  pos = mx > 0
+  scaled = jnp.where(pos, w / jnp.where(pos, mx, 1.0), w)   # max 1 (or all 0 / NaN)
+  log_scale = jnp.log(jnp.where(pos, mx, 1.0))
+  return jax.lax.stop_gradient(_normalize_scaled(scaled, log_scale, keep, mode, eps))
 
 
 def paced_weights(p: Array, *, alpha: float = 1.0, beta: float = 1.0, normalize: str = "mean",
-                  where: Array | None = None, eps: float = 1e-8) -> Array:
-  """``normalize_weights(beta_weight(p, alpha=, beta=), mode=normalize, where=, eps=)``."""
-  return normalize_weights(beta_weight(p, alpha=alpha, beta=beta), mode=normalize, where=where,
-                           eps=eps)
+                  where: Array | None = None, eps: float = 0.0) -> Array:
+  """``normalize_weights(beta_weight(p, alpha=, beta=), mode=normalize, where=, eps=)``,
+  computed in log space.
+
+  The weights are normalised from log w(p) (shifted by its maximum over the kept examples), so
+  they are mean-one (``"mean"``) for any exponents, also where the raw weights p^α (1 − p)^β
+  underflow (α = β = 64). ``where`` is a boolean mask broadcastable to ``p``; a NaN pass rate
+  makes the batch NaN. Stop-gradient, as :func:`normalize_weights`.
+  """
+  _check_mode_eps(normalize, eps)
+  log_w = _log_beta_weight(p, alpha, beta)
+  keep = _checks.check_where(where, log_w.shape)
+  keep = jnp.ones(log_w.shape, bool) if keep is None else keep
+  if normalize == "none":
+    return jax.lax.stop_gradient(jnp.where(keep, jnp.exp(log_w), 0.0))
+  if log_w.ndim == 0:
+    raise ValueError(f"`p` must have rank >= 1 to be normalised over a batch, got shape "
+                     f"{log_w.shape}.")
+  log_w = jnp.where(keep, log_w, -jnp.inf)
+  m = jnp.max(log_w) if log_w.size else jnp.zeros((), log_w.dtype)
+  mf = jnp.where(jnp.isfinite(m), m, 0.0)       # NaN m: NaN reaches `scaled` through log_w
+  removed = log_w == -jnp.inf
+  scaled = jnp.where(removed, 0.0, jnp.exp(jnp.where(removed, 0.0, log_w) - mf))
+  return jax.lax.stop_gradient(_normalize_scaled(scaled, m, keep, normalize, eps))
 
 
 def weighted_sum_and_count(losses: Array, weights: Array, *,
@@ -233,52 +303,55 @@ def weighted_sum_and_count(losses: Array, weights: Array, *,
   r"""(Σ_b sg(w_b) L_b, #examples): the PACED loss as a sum-and-count pair.
 
   [proposed] batch form L = (1/B) Σ_b sg(w̃_b) L_distill(x_b). With token-level ``losses``
-  (``[B, T, ...]``), L_distill(x_b) is the masked token mean within the response; ``where``
-  then has the losses shape. With ``[B]`` losses, ``where`` is ``[B]``. An example with no
-  valid token is not counted. Add pairs over micro-batches/devices and divide once
+  (``[B, T, ...]``), L_distill(x_b) is the masked token mean within the response. An example
+  with no valid token is not counted. Add pairs over micro-batches/devices and divide once
   (:func:`kdjax.reductions.finalize_mean`); with weights normalised over the full batch this
   equals the full-batch loss exactly.
 
+  An example of weight 0 contributes nothing, not even a NaN/inf loss it holds (as
+  :func:`kdjax.reductions.masked_sum_and_count` with ``weights``); a NaN loss of a weighted,
+  kept example (or a NaN weight) propagates to the sum.
+
   Args:
     losses: per-example ``[B]`` or per-token ``[B, ...]`` losses.
-    weights: ``[B]`` weights (e.g. from :func:`paced_weights`); stop-gradiented here too.
-    where: optional boolean mask of the losses shape.
+    weights: ``[B]`` non-negative finite weights (e.g. from :func:`paced_weights`;
+      stop-gradiented here too). Concrete negative or infinite entries are a ``ValueError``.
+    where: optional boolean mask broadcastable to the losses shape (e.g. ``[B, T]`` token mask,
+      or ``[B, 1]`` to drop whole examples).
+
+  Returns:
+    ``SumAndCount(sum, count)`` with an int32 count of the examples that have a valid entry.
   """
   v = _checks.check_array("losses", losses, min_rank=1)
   w = _checks.check_array("weights", weights, min_rank=1)
   if w.ndim != 1 or w.shape[0] != v.shape[0]:
     raise ValueError(f"`weights` must have shape [B] = ({v.shape[0]},), got {w.shape}.")
+  _check_data("weights", w, low=0.0)
   dtype = _checks.compute_dtype(v, w)
   v = v.astype(dtype)
   w = jax.lax.stop_gradient(w.astype(dtype))
-  if where is None:
-    keep = jnp.ones(v.shape, bool)
-  else:
-    keep = jnp.asarray(where)
-    if keep.dtype != jnp.bool_:
-      raise TypeError(f"`where` must be a boolean mask, got dtype {keep.dtype}.")
-    if keep.shape != v.shape:
-      raise ValueError(f"`where` must have the losses shape {v.shape}, got {keep.shape}.")
+  keep = _checks.check_where(where, v.shape)
+  keep = jnp.ones(v.shape, bool) if keep is None else keep
   red = tuple(range(1, v.ndim))
   tok_sum = jnp.sum(jnp.where(keep, v, 0.0), axis=red)
-  tok_cnt = jnp.sum(keep, axis=red).astype(dtype)
+  tok_cnt = jnp.sum(keep, axis=red, dtype=jnp.int32)
   valid = tok_cnt > 0
-  per_example = jnp.where(valid, tok_sum / jnp.where(valid, tok_cnt, 1.0), 0.0)
+  per_example = jnp.where(valid, tok_sum / jnp.where(valid, tok_cnt, 1).astype(dtype), 0.0)
   total = jnp.sum(jnp.where(valid & (w != 0), w * per_example, 0.0))
-  return SumAndCount(total, jnp.sum(valid).astype(dtype))
+  return SumAndCount(total, jnp.sum(valid, dtype=jnp.int32))
 
 
 def paced_loss(losses: Array, p: Array, *, alpha: float = 1.0, beta: float = 1.0,
-               normalize: str = "mean", where: Array | None = None, eps: float = 1e-8) -> Array:
+               normalize: str = "mean", where: Array | None = None, eps: float = 0.0) -> Array:
   """Convenience: the scalar PACED loss of one full batch (weights normalised over it).
 
-  ``where`` has the losses shape; examples without a valid entry are excluded from the weight
-  normalisation too.
+  ``where`` is a boolean mask broadcastable to the losses shape; examples without a valid entry
+  are excluded from the weight normalisation too.
   """
   v = _checks.check_array("losses", losses, min_rank=1)
   ex = None
   if where is not None:
-    m = jnp.asarray(where)
+    m = _checks.check_where(where, v.shape)
     ex = jnp.any(m.reshape(m.shape[0], -1), axis=1) if m.ndim > 1 else m
   w = paced_weights(p, alpha=alpha, beta=beta, normalize=normalize, where=ex, eps=eps)
   return weighted_sum_and_count(v, w, where=where).mean()
@@ -295,10 +368,8 @@ def two_stage_mix(step: Any, *, switch_step: int, transition_steps: int = 0) -> 
   (λ = 0 before, 1 from it on) or, with ``transition_steps`` = τ > 0, a linear mix
   λ = clip((step − switch_step)/τ, 0, 1). Pure function of ``step``; jit-friendly.
   """
-  if not isinstance(switch_step, int) or switch_step < 0:
-    raise ValueError(f"`switch_step` must be an int >= 0, got {switch_step!r}.")
-  if not isinstance(transition_steps, int) or transition_steps < 0:
-    raise ValueError(f"`transition_steps` must be an int >= 0, got {transition_steps!r}.")
+  switch_step = _checks.check_int("switch_step", switch_step, low=0)
+  transition_steps = _checks.check_int("transition_steps", transition_steps, low=0)
   s = jnp.asarray(step, jnp.float32)
   if transition_steps == 0:
     return (s >= switch_step).astype(jnp.float32)
@@ -325,8 +396,9 @@ def refresh_due(step: Any, *, every: int, switch_step: int | None = None) -> Arr
   Design choice (kdjax, [proposed]): every ``every`` steps (step 0 included; "once per
   epoch" is ``every = steps_per_epoch``) and at the stage switch of the two-stage schedule.
   """
-  if not isinstance(every, int) or every < 1:
-    raise ValueError(f"`every` must be an int >= 1, got {every!r}.")
+  every = _checks.check_int("every", every, low=1)
+  if switch_step is not None:
+    switch_step = _checks.check_int("switch_step", switch_step, low=0)
   s = jnp.asarray(step)
   due = (s % every) == 0
   if switch_step is not None:
@@ -345,20 +417,31 @@ def snr_model(p: Array, *, c: float = 1.0, s: float = 1.0, sigma0: float = 0.05,
   K rollouts, a correct one contributing (1−p) v, an incorrect one (1−p) s u with u uniform on
   the unit sphere, plus isotropic noise σ0 ζ.
   """
-  if not isinstance(k, int) or k < 1:
-    raise ValueError(f"`k` must be an int >= 1, got {k!r}.")
+  k = _checks.check_int("k", k, low=1)
   _checks.check_positive("sigma0", sigma0)
-  p = jnp.asarray(p)
+  _checks.check_range("c", c)
+  _checks.check_range("s", s)
+  p = _checks.check_array("p", p, min_rank=0)
+  _check_data("p", p, low=0.0, high=1.0)
   p = p.astype(_checks.compute_dtype(p))
   mu = c * p * (1 - p)
   sigma2 = (1 - p)**3 * (p + s**2) / k + sigma0**2
   return mu, sigma2, mu**2 / sigma2
 
 
+def _snr_inputs(*, sigma2_low_open: bool = True, **arrays):
+  out = {k: _checks.check_array(k, v, min_rank=0) for k, v in arrays.items()}
+  _check_data("sigma2", out["sigma2"], low=0.0, low_open=sigma2_low_open)
+  dtype = _checks.compute_dtype(*out.values())
+  return tuple(v.astype(dtype) for v in out.values())
+
+
 def snr_optimal_weight(mu: Array, sigma2: Array) -> Array:
-  """w* = μ/σ² (Proposition B [proposed]): maximises the SNR of Σ_i w_i g_i along v."""
-  mu = jnp.asarray(mu)
-  sigma2 = jnp.asarray(sigma2)
+  """w* = μ/σ² (Proposition B [proposed]): maximises the SNR of Σ_i w_i g_i along v.
+
+  ``sigma2`` > 0 (concrete values are checked elementwise); float32 out for low-precision input.
+  """
+  mu, sigma2 = _snr_inputs(mu=mu, sigma2=sigma2)
   return mu / sigma2
 
 
@@ -366,20 +449,25 @@ def efficiency(w: Array, mu: Array, sigma2: Array, *, axis: int = -1) -> Array:
   r"""Eff(w) = (Σ w μ)² / (Σ w² σ² · Σ μ²/σ²) ∈ [0, 1] (Theorem 6′ [proposed]).
 
   Equal to 1 iff w ∝ μ/σ²; invariant under w ↦ c w. Reductions over ``axis`` (broadcasting).
+  ``sigma2`` > 0 (concrete values are checked elementwise: σ² ≤ 0 is a ``ValueError``). A
+  degenerate denominator (w = 0 or μ = 0) gives 0; a NaN input propagates.
   """
-  w, mu, sigma2 = jnp.broadcast_arrays(jnp.asarray(w), jnp.asarray(mu), jnp.asarray(sigma2))
+  w, mu, sigma2 = _snr_inputs(w=w, mu=mu, sigma2=sigma2)
+  w, mu, sigma2 = jnp.broadcast_arrays(w, mu, sigma2)
+  axis = _checks.normalize_axis(axis, max(w.ndim, 1))
   num = jnp.sum(w * mu, axis=axis)**2
   den = jnp.sum(w**2 * sigma2, axis=axis) * jnp.sum(mu**2 / sigma2, axis=axis)
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+  zero = den == 0
+  return jnp.where(zero, 0.0, num / jnp.where(zero, 1.0, den))
 
 
 def one_step_gain(w: Array, mu: Array, sigma2: Array) -> Array:
   r"""G(w) = w μ² − (w²/2)(μ² + σ²): expected one-step gain of a quadratic surrogate along v.
 
   Maximised at w° = μ²/(μ² + σ²); G(m w°)/G(w°) = 1 − (1 − m)² (Theorem 6′ pointwise
-  [proposed]).
+  [proposed]). ``sigma2`` ≥ 0 (checked elementwise when concrete).
   """
-  w, mu, sigma2 = jnp.asarray(w), jnp.asarray(mu), jnp.asarray(sigma2)
+  w, mu, sigma2 = _snr_inputs(w=w, mu=mu, sigma2=sigma2, sigma2_low_open=False)
   return w * mu**2 - 0.5 * w**2 * (mu**2 + sigma2)
 
 
@@ -415,9 +503,8 @@ def gradient_snr_by_bin(grads: Array, p: Array, *, bins: Any = 10,
   p = _checks.check_array("p", p, min_rank=1).astype(dtype)
   if p.shape != (g.shape[0],):
     raise ValueError(f"`p` must have shape ({g.shape[0]},), got {p.shape}.")
-  if isinstance(bins, int):
-    if bins < 1:
-      raise ValueError(f"`bins` must be >= 1, got {bins}.")
+  if isinstance(bins, numbers.Integral) or isinstance(bins, (bool, np.bool_)):
+    bins = _checks.check_int("bins", bins, low=1)
     edges = jnp.linspace(0.0, 1.0, bins + 1, dtype=dtype)
   else:
     edges = jnp.asarray(bins, dtype)

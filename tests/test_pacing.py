@@ -104,7 +104,9 @@ def test_normalize_modes_and_mask():
   with pytest.raises(ValueError, match="where"):
     P.normalize_weights(w, where=jnp.ones(3, bool))
   with pytest.raises(ValueError, match="eps"):
-    P.normalize_weights(w, eps=0.0)
+    P.normalize_weights(w, eps=-1e-3)
+  # eps is in the units of the weights: eps = mean gives half the mean-one weights.
+  np.testing.assert_allclose(P.normalize_weights(w, eps=2.0), w / 4, rtol=1e-6)
 
 
 @settings(max_examples=20, deadline=None)
@@ -187,9 +189,10 @@ def test_refresh_due():
 
 
 @pytest.mark.parametrize("kw", [dict(switch_step=-1), dict(switch_step=2.5),
-                                dict(switch_step=1, transition_steps=-2)])
+                                dict(switch_step=1, transition_steps=-2),
+                                dict(switch_step=True)])
 def test_schedule_errors(kw):
-  with pytest.raises(ValueError, match="step"):
+  with pytest.raises((ValueError, TypeError), match="step"):
     P.two_stage_mix(0, **kw)
   with pytest.raises(ValueError, match="every"):
     P.refresh_due(0, every=0)
@@ -262,3 +265,126 @@ def test_fast_rollout_simulator_matches_direct():
     for stat in (lambda g: g[:, 0], lambda g: np.sum(g**2, 1), lambda g: g[:, 5]):
       assert stats.ks_2samp(stat(fast), stat(direct)).pvalue > 1e-3
     assert np.allclose(fast.mean(0)[0], p * (1 - p), atol=0.02)
+
+
+# ----------------------------------------------------------------------------- regressions
+
+_JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+
+
+def _maybe_jit(f, jit):
+  return jax.jit(f) if jit else f
+
+
+@_JIT
+@pytest.mark.parametrize("k", [1, 12, 15, 20, 64, 200])
+def test_paced_weights_mean_one_for_large_exponents(k, jit):
+  """N11: linear-space normalisation gave means 0.778, 0.048, 4e-5, 0 for k = 12, 15, 20, 64."""
+  p = jnp.array([.5, .4, .3, .6])
+  w = _maybe_jit(lambda q: P.paced_weights(q, alpha=k, beta=k), jit)(p)
+  assert abs(float(w.mean()) - 1.0) < 1e-5
+  # The ratios are those of the exact weights (float64 reference).
+  pe = np.array([.5, .4, .3, .6], np.float32).astype(np.float64)
+  lw = k * np.log(pe) + k * np.log1p(-pe)
+  ref = np.exp(lw - lw.max())
+  np.testing.assert_allclose(w, ref / ref.mean(), rtol=1e-4 * max(k, 10) / 10)
+
+
+def test_normalize_weights_tiny_weights_mean_one():
+  """N11: eps = 1e-8 in the denominator gave [0.0099 0.0099] for weights 1e-10."""
+  np.testing.assert_allclose(P.normalize_weights(jnp.array([1e-10, 1e-10])), [1.0, 1.0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(P.normalize_weights(jnp.array([1e-30, 3e-30]), mode="sum"),
+                             [0.25, 0.75], rtol=1e-6)
+
+
+@_JIT
+def test_nan_pass_rate_propagates(jit):
+  """N1: `p > 0` treated a NaN pass rate as the boundary (weight 0)."""
+  p = jnp.array([jnp.nan, 0.3, 0.5, 0.0])
+  w = np.asarray(_maybe_jit(P.beta_weight, jit)(p))
+  assert np.isnan(w[0]) and np.all(np.isfinite(w[1:])) and w[3] == 0
+  assert np.isnan(np.asarray(_maybe_jit(P.paced_weights, jit)(p))).all()
+  assert np.isnan(np.asarray(_maybe_jit(P.normalize_weights, jit)(jnp.array([jnp.nan, 1.0])))).all()
+  assert np.isnan(float(_maybe_jit(P.paced_loss, jit)(jnp.ones(4), p)))
+  # A NaN reward reaches the pass rate of its problem only.
+  pr = np.asarray(P.pass_rate(jnp.array([[jnp.nan, 1.0], [1.0, 0.0]])))
+  assert np.isnan(pr[0]) and pr[1] == 0.5
+  # Efficiency: NaN is not the degenerate 0.
+  assert np.isnan(float(P.efficiency(jnp.array([jnp.nan, 1.0]), jnp.ones(2), jnp.ones(2))))
+
+
+def test_array_hyper_parameters_checked_elementwise():
+  """N3/N24: array exponents skipped the range check; errors name the argument."""
+  p = jnp.array([0.2, 0.5])
+  with pytest.raises(ValueError, match="alpha"):
+    P.beta_weight(p, alpha=jnp.array([1.0, -1.0]))
+  with pytest.raises(ValueError, match="beta"):
+    P.paced_weights(p, beta=np.array([2.0, np.nan]))
+  for bad in (True, "1"):
+    with pytest.raises(TypeError, match="alpha"):
+      P.beta_weight(p, alpha=bad)
+  # Per-example exponents broadcast against p.
+  np.testing.assert_allclose(P.beta_weight(p, alpha=jnp.array([1.0, 2.0]), beta=1.0),
+                             [0.2 * 0.8, 0.25 * 0.5], rtol=1e-6)
+  with pytest.raises(ValueError, match="a0"):
+    P.posterior_pass_rate(jnp.ones((2, 3)), a0=jnp.array([1.0, 0.0]))
+  with pytest.raises(ValueError, match="sigma2"):
+    P.efficiency(jnp.ones(2), jnp.ones(2), jnp.array([1.0, 0.0]))
+  with pytest.raises(ValueError, match="sigma2"):
+    P.snr_optimal_weight(jnp.ones(2), -jnp.ones(2))
+  # numpy integers accepted for integer arguments, bool rejected.
+  assert float(P.two_stage_mix(5, switch_step=np.int64(3))) == 1.0
+  assert bool(P.refresh_due(8, every=np.int32(4)))
+  with pytest.raises(TypeError, match="every"):
+    P.refresh_due(0, every=True)
+  with pytest.raises(TypeError, match="k"):
+    P.snr_model(0.5, k=2.0)
+  with pytest.raises(TypeError, match="bins"):
+    P.gradient_snr_by_bin(jnp.ones((4, 2)), jnp.ones(4) / 2, bins=True)
+
+
+def test_negative_weights_rejected():
+  """N8: negative weights were accepted by normalize_weights / weighted_sum_and_count."""
+  with pytest.raises(ValueError, match="weights"):
+    P.normalize_weights(jnp.array([-1.0, 2.0]))
+  with pytest.raises(ValueError, match="weights"):
+    P.weighted_sum_and_count(jnp.ones(2), jnp.array([1.0, -0.5]))
+  with pytest.raises(ValueError, match="weights"):
+    P.weighted_sum_and_count(jnp.ones(2), jnp.array([1.0, jnp.inf]))
+  with pytest.raises(TypeError, match="where"):
+    P.weighted_sum_and_count(jnp.ones((2, 3)), jnp.ones(2), where=jnp.ones((2, 3)))
+  with pytest.raises(TypeError, match="where"):
+    P.normalize_weights(jnp.ones(2), where=jnp.array([1.0, 0.0]))
+
+
+@_JIT
+def test_where_broadcastable(jit):
+  """A1: `where` is a boolean mask broadcastable to the input (was: exact shape only)."""
+  rng = np.random.default_rng(5)
+  tok = jnp.asarray(rng.uniform(size=(4, 3)), jnp.float32)
+  w = jnp.array([1.0, 2.0, 0.5, 1.0])
+  ex = jnp.array([True, False, True, True])
+  f = _maybe_jit(lambda m: P.weighted_sum_and_count(tok, w, where=m), jit)
+  a, b = f(ex[:, None]), f(jnp.broadcast_to(ex[:, None], (4, 3)))
+  np.testing.assert_allclose(a.sum, b.sum, rtol=1e-6)
+  assert int(a.count) == int(b.count) == 3 and a.count.dtype == jnp.int32
+  # A scalar mask broadcasts too.
+  np.testing.assert_allclose(P.normalize_weights(w, where=jnp.array(True)), P.normalize_weights(w))
+  r = jnp.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+  np.testing.assert_allclose(P.pass_rate(r, where=jnp.array([True, True, False])), [0.5, 1.0])
+  np.testing.assert_allclose(P.paced_loss(tok, w / 4, where=ex[:, None]),
+                             P.paced_loss(tok, w / 4, where=jnp.broadcast_to(ex[:, None], (4, 3))),
+                             rtol=1e-6)
+
+
+def test_bfloat16_in_float32_out():
+  """N7: every function computes and returns float32 for bfloat16 input."""
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+  p = bf([0.25, 0.5, 0.75])
+  outs = [P.beta_weight(p), P.paced_weights(p), P.normalize_weights(bf([1.0, 2.0])),
+          P.weighted_sum_and_count(bf([1.0, 2.0]), bf([1.0, 1.0])).sum,
+          *P.snr_model(p), P.snr_optimal_weight(p, p), P.efficiency(p, p, p),
+          P.one_step_gain(p, p, p), P.pass_rate(bf([[1.0, 0.0]])),
+          P.two_stage_loss(bf(1.0), bf(2.0), 3, switch_step=2)]
+  assert all(o.dtype == jnp.float32 for o in outs), [o.dtype for o in outs]
