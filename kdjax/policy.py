@@ -367,6 +367,8 @@ def gopd_objective(student_logits: Array, teacher_logits: Array, ref_logits: Arr
   r = _checks.check_array("ref_logits", ref_logits)
   _checks.check_same_shape("student_logits", s, "teacher_logits", t)
   _checks.check_same_shape("student_logits", s, "ref_logits", r)
+  for n, x in (("student_logits", s), ("teacher_logits", t), ("ref_logits", r)):
+    _checks.check_no_posinf(n, x)
   ax = _checks.normalize_axis(axis, s.ndim)
   dtype = _checks.compute_dtype(s, t, r)
   pos = _position_where(where, s.shape, ax)
@@ -390,6 +392,8 @@ def gopd_optimal_logits(teacher_logits: Array, ref_logits: Array, *, lam: Any = 
   t = _checks.check_array("teacher_logits", teacher_logits)
   r = _checks.check_array("ref_logits", ref_logits)
   _checks.check_same_shape("teacher_logits", t, "ref_logits", r)
+  _checks.check_no_posinf("teacher_logits", t)
+  _checks.check_no_posinf("ref_logits", r)
   ax = _checks.normalize_axis(axis, t.ndim)
   dtype = _checks.compute_dtype(t, r)
   lt = _logspace.masked_log_softmax(t.astype(dtype), axis=ax)

@@ -34,7 +34,11 @@ def log_probs(name: str, logits: Any, temperature: Any, axis: int, where=None,
   ax = _checks.normalize_axis(axis, z.ndim)
   dtype = _checks.compute_dtype(z) if dtype is None else dtype
   temp = temperature_array(temperature, z.shape, ax, dtype)
-  lp = _logspace.masked_log_softmax(z.astype(dtype) / temp, axis=ax, where=where)
+  z = z.astype(dtype)
+  # Double where: (-inf)/T never enters the graph, so d/dT stays finite with -inf entries.
+  present = _logspace.valid_entries(z)
+  z = jnp.where(present, jnp.where(present, z, 0.0) / temp, -jnp.inf)
+  lp = _logspace.masked_log_softmax(z, axis=ax, where=where)
   return lp, ax, temp
 
 

@@ -101,7 +101,9 @@ def plackett_luce_kd(student_logits: Array, teacher_logits: Array, labels: Array
     if y_ok.shape != keep.shape:
       raise ValueError(f"`labels` must have the batch shape {keep.shape}, got {y_ok.shape}.")
     keep = keep & y_ok
-  alpha_log = _logspace.masked_log_softmax(t / temp, axis=-1, where=valid)
+  # Double where: (-inf)/T never enters the graph (finite d/dT with -inf entries).
+  alpha_log = _logspace.masked_log_softmax(jnp.where(valid, jnp.where(valid, t, 0.0) / temp, 0.0),
+                                           axis=-1, where=valid)
   order = _permutation(t, valid, labels)
   s_perm = jnp.take_along_axis(s, order, axis=-1)
   ok_perm = jnp.take_along_axis(valid, order, axis=-1)

@@ -36,6 +36,7 @@ def standardize_logits(logits: Array, *, axis: int = -1, eps: float = 1e-7, ddof
   constant vector maps to 0. ``min_std=0`` gives the paper's formula.
   """
   z = _checks.check_array("logits", logits)
+  _checks.check_no_posinf("logits", logits)
   ax = _checks.normalize_axis(axis, z.ndim)
   _checks.check_positive("eps", eps)
   _checks.check_nonneg("min_std", min_std)
@@ -82,10 +83,7 @@ def logit_standardized_kd(student_logits: Array, teacher_logits: Array, *,
     axis: the class axis.
     where: optional vocabulary mask (logits shape) or position mask (batch shape).
   """
-  s = _checks.check_array("student_logits", student_logits)
-  t = _checks.check_array("teacher_logits", teacher_logits)
-  _checks.check_same_shape("student_logits", s, "teacher_logits", t)
-  ax = _checks.normalize_axis(axis, s.ndim)
+  s, t, ax, _ = _checks.check_logits_pair(student_logits, teacher_logits, axis)
   vocab_mask, _ = _checks.split_where(where, s.shape, ax)
   zs = standardize_logits(s, axis=ax, eps=eps, min_std=min_std, where=vocab_mask)
   zt = standardize_logits(t, axis=ax, eps=eps, min_std=min_std, where=vocab_mask)
