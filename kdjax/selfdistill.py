@@ -31,22 +31,38 @@ Layout (neural-tangents style: the factory does the expensive decomposition once
 Numerics. Test predictions use the mixed-target form
 :math:`f^{(t)}(x) = \mathbf k(x)^\top (K + \lambda I)^{-1} (\alpha y + (1-\alpha) y^{(t-1)})`,
 i.e. eigen-coefficients :math:`(\alpha + (1-\alpha) b^{(t-1)}_k) / (d_k + \lambda)`, never
-:math:`D^{-1}`, so a singular or ill-conditioned Gram matrix is safe (Design choice (kdjax),
-[proposed]). Computation runs in float32 unless an input is float64 or ``dtype=jnp.float64`` is
-requested inside ``jax.enable_x64(True)``.
+:math:`D^{-1}`, so a singular or ill-conditioned Gram matrix gives *finite* predictions
+(Design choice (kdjax), [proposed]). Finite is not accurate: float32 ``eigh`` noise
+(~1e-7·‖K‖₂) in the null-space eigenvectors is amplified by 1/λ. With the toy inputs triplicated
+(rank 11 of 33, ‖K‖₂ ≈ 5.8) and different noisy targets per copy, float32 test predictions at
+t = 3, α = 0.25 deviate from float64 by about 0.03 % at λ = 1e-4, 0.5 % at 1e-5, 3 % at 1e-6 and
+35 % at 1e-7. Use float64 (``dtype=jnp.float64`` inside ``jax.enable_x64(True)``) when
+λ < about 1e-5·‖K‖₂. Computation runs in float32 unless an input is float64 or float64 is
+requested; bfloat16/float16 inputs are computed and returned in float32. A negative round-off
+eigenvalue is clipped to 0; a Gram matrix that is not PSD (a kernel that is not positive
+definite) is therefore silently projected onto its PSD part.
+
+Contract. ``alpha`` is any finite real (Algorithm 1 is unconstrained; [0, 1] is the paper's
+range), scalar or a 1-D per-step schedule, checked elementwise when concrete (NaN/inf, bool and
+str are rejected; traced values are unchecked). The recursion converges as t → ∞ only when
+:math:`|(1-\alpha) a_1| < 1` (always for :math:`\alpha \in (0, 1]`); outside, ``t = jnp.inf``
+returns the fixed-point formula and large finite ``t`` overflows (e.g. α = −5 gives inf/NaN at
+t = 1000). A NaN in an input propagates. The derivatives in ``alpha`` are finite everywhere,
+also at α = 1 and at t = 1 or t = ∞.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax._checks import check_array, check_positive, compute_dtype, concrete_scalar
+from kdjax._checks import (check_array, check_int, check_positive, check_range, check_where,
+                           compute_dtype, concrete_array, concrete_scalar, is_traced,
+                           normalize_axis)
 
 Array = jax.Array
 
@@ -61,14 +77,21 @@ __all__ = [
 # Validation helpers.
 
 def _check_step(t: Any, *, allow_inf: bool = True) -> None:
-  v = concrete_scalar(t)
-  if v is None:
+  """t: an integer step >= 1 (or +inf), concrete values checked elementwise."""
+  if is_traced(t):
     return
-  if math.isinf(v) and v > 0:
-    if not allow_inf:
-      raise ValueError("`t` must be finite for a per-step alpha schedule, got inf.")
-    return
-  if not (v >= 1 and float(v).is_integer()):
+  if isinstance(t, (bool, np.bool_, str, bytes)) or t is None:
+    raise TypeError(f"`t` must be an integer step >= 1 or jnp.inf, got {t!r}.")
+  arr = concrete_array(t)
+  if arr is None or arr.dtype == bool or not (jnp.issubdtype(arr.dtype, jnp.floating)
+                                              or jnp.issubdtype(arr.dtype, jnp.integer)):
+    raise TypeError(f"`t` must be an integer step >= 1 or jnp.inf, got {t!r}.")
+  a = arr.astype(np.float64)
+  inf = np.isposinf(a)
+  if np.any(inf) and not allow_inf:
+    raise ValueError("`t` must be finite for a per-step alpha schedule, got inf.")
+  ok = inf | ((a >= 1) & (a == np.floor(a)))   # NaN fails both
+  if not np.all(ok):
     raise ValueError(f"`t` must be an integer step >= 1 or jnp.inf, got {t!r}.")
 
 
@@ -85,14 +108,20 @@ def _check_clip(clip) -> tuple[float, float] | None:
   return lo, hi
 
 
-def _check_alpha(alpha: Any) -> Array:
+def _check_alpha(alpha: Any, name: str = "alpha") -> Array:
+  """A finite real ground-truth weight (scalar or 1-D schedule), checked elementwise."""
+  check_range(name, alpha)
   alpha = jnp.asarray(alpha)
   if alpha.ndim > 1:
-    raise ValueError(f"`alpha` must be a scalar or a 1-D per-step schedule, got shape "
+    raise ValueError(f"`{name}` must be a scalar or a 1-D per-step schedule, got shape "
                      f"{alpha.shape}.")
-  if not (jnp.issubdtype(alpha.dtype, jnp.floating) or jnp.issubdtype(alpha.dtype, jnp.integer)):
-    raise TypeError(f"`alpha` must be a number, got dtype {alpha.dtype}.")
   return alpha
+
+
+def _eigenvalues(d) -> Array:
+  """Eigenvalues as a float array of the compute dtype (bfloat16/int -> float32)."""
+  d = check_array("d", d)
+  return d.astype(compute_dtype(d))
 
 
 def _resolve_dtype(dtype, *arrays) -> jnp.dtype:
@@ -112,8 +141,12 @@ def _resolve_dtype(dtype, *arrays) -> jnp.dtype:
 # Diagonal closed forms (eigenbasis).
 
 def a_coefficients(d: Array, lam) -> Array:
-  r""":math:`a_k = d_k / (d_k + \lambda)` (negative round-off eigenvalues are clipped to 0)."""
-  d = jnp.maximum(jnp.asarray(d), 0)
+  r""":math:`a_k = d_k / (d_k + \lambda)` (negative round-off eigenvalues are clipped to 0).
+
+  ``lam`` > 0 (finite; arrays checked elementwise). A NaN eigenvalue gives a NaN coefficient.
+  """
+  check_positive("lam", lam)
+  d = jnp.maximum(_eigenvalues(d), 0)
   return d / (d + lam)
 
 
@@ -129,7 +162,10 @@ def _closed_form_parts(d, lam, alpha, t):
   one_minus_q = (lam + alpha * d) / (d + lam)  # = 1 - q exactly, no 1 - a cancellation
   t = _step_float(t, d.dtype)
   n = jnp.where(jnp.isinf(t), 0.0, t - 1)
-  qn = jnp.power(q, n)
+  # q^n with d/dq finite: at n = 0 the float power's derivative is 0 * q^-1 = NaN for q = 0
+  # (alpha = 1, or t = 1 / t = inf where n is set to 0), so n = 0 is taken out (q^0 = 1).
+  n0 = n == 0
+  qn = jnp.where(n0, 1.0, jnp.power(jnp.where(n0, 1.0, q), jnp.where(n0, 1.0, n)))
   # 1 - q^n via expm1 for q in (0, 1) (q near 1: alpha small, a near 1).
   safe_q = jnp.where(q > 0, q, 0.5)
   one_minus_qn = jnp.where(q > 0, -jnp.expm1(n * jnp.log(safe_q)), 1 - qn)
@@ -145,10 +181,15 @@ def b_limit(d: Array, lam, alpha) -> Array:
   Ridge with :math:`\lambda/\alpha` [paper]; 0 for :math:`\alpha = 0` (collapse). Meaningful for
   :math:`\alpha \in [0, 1]` (the recursion diverges when :math:`(1-\alpha) a_1 \ge 1`).
   """
-  d = jnp.maximum(jnp.asarray(d), 0)
-  alpha = jnp.asarray(alpha, d.dtype)
+  check_positive("lam", lam)
+  alpha = _check_alpha(alpha)
+  if alpha.ndim != 0:
+    raise ValueError("`alpha` must be a scalar for b_limit.")
+  d = jnp.maximum(_eigenvalues(d), 0)
+  alpha = alpha.astype(d.dtype)
   den = alpha * d + lam
-  return jnp.where(den > 0, alpha * d / jnp.where(den > 0, den, 1.0), 0.0)
+  ok = den != 0             # a NaN denominator is kept: NaN propagates
+  return jnp.where(ok, alpha * d / jnp.where(ok, den, 1.0), 0.0)
 
 
 def _schedule_all(a: Array, alphas: Array) -> Array:
@@ -180,11 +221,9 @@ def b_coefficients(d: Array, lam, alpha, t) -> Array:
   Returns:
     ``[n]`` coefficients.
   """
-  d = check_array("d", d)
+  d = _eigenvalues(d)
   check_positive("lam", lam)
   alpha = _check_alpha(alpha)
-  if not jnp.issubdtype(d.dtype, jnp.floating):
-    d = d.astype(jnp.float32)
   if alpha.ndim == 1:
     _check_step(t, allow_inf=False)
     tv = concrete_scalar(t)
@@ -208,19 +247,25 @@ def c_coefficients(d: Array, lam, alpha, t) -> Array:
 
   so that :math:`y^{(t)} = V C^{(t)} V^\top y^{(1)}` without training intermediate models.
   Computed directly (no :math:`A^{-1}`), hence defined also where :math:`d_k = 0`.
-  Scalar ``alpha`` only; ``t = jnp.inf`` gives :math:`\alpha / (1 - (1-\alpha) a_k)`.
+  Scalar ``alpha`` only; ``t = jnp.inf`` gives the limit :math:`\alpha / (1 - (1-\alpha) a_k)
+  = \alpha (d_k + \lambda) / (\alpha d_k + \lambda)`, so that ``from_initial_fit(jnp.inf, .)``
+  equals ``limit(.)``.
   """
-  d = check_array("d", d)
+  d = _eigenvalues(d)
   check_positive("lam", lam)
   alpha = _check_alpha(alpha)
   if alpha.ndim != 0:
     raise ValueError("`alpha` must be a scalar for c_coefficients.")
   _check_step(t)
-  if not jnp.issubdtype(d.dtype, jnp.floating):
-    d = d.astype(jnp.float32)
   alpha = alpha.astype(d.dtype)
   _, qn, geom = _closed_form_parts(d, lam, alpha, t)
-  return alpha * geom + qn
+  c_t = alpha * geom + qn
+  # t = inf: the limit alpha / (1 - (1-alpha) a) = alpha (d + lam) / (alpha d + lam).
+  dp = jnp.maximum(d, 0)
+  den = alpha * dp + lam
+  ok = den != 0
+  c_inf = jnp.where(ok, alpha * (dp + lam) / jnp.where(ok, den, 1.0), 0.0)
+  return jnp.where(jnp.isinf(_step_float(t, d.dtype)), c_inf, c_t)
 
 
 def b_recursion(d, lam, alpha, t: int) -> np.ndarray:
@@ -229,9 +274,9 @@ def b_recursion(d, lam, alpha, t: int) -> np.ndarray:
   Plain NumPy loop (float64) mirroring the authors' ``Recurser`` [paper]; the oracle for
   `b_coefficients`. ``alpha`` may be a scalar or a per-step schedule (entry s = step s + 2).
   """
-  if not isinstance(t, (int, np.integer)) or t < 1:
-    raise ValueError(f"`t` must be an int >= 1, got {t!r}.")
+  t = check_int("t", t, low=1)
   check_positive("lam", lam)
+  _check_alpha(alpha)
   d = np.maximum(np.asarray(d, np.float64), 0)
   a = d / (d + float(lam))
   sched = np.asarray(alpha, np.float64)
@@ -243,9 +288,17 @@ def b_recursion(d, lam, alpha, t: int) -> np.ndarray:
 
 
 def sparsification_ratios(b: Array) -> Array:
-  r""":math:`R_k = b_k / b_{k+1}` for coefficients sorted by decreasing eigenvalue (shape n-1)."""
-  b = jnp.asarray(b)
-  return b[..., :-1] / b[..., 1:]
+  r""":math:`R_k = b_k / b_{k+1}` for coefficients sorted by decreasing eigenvalue (shape n-1).
+
+  Where :math:`b_{k+1} = 0` (a zero eigenvalue) the ratio is ±inf (the sign of :math:`b_k`), and 1 where both are 0 (no
+  NaN is created; a NaN coefficient propagates). float32 out for low-precision input.
+  """
+  b = check_array("b", b)
+  b = b.astype(compute_dtype(b))
+  num, den = b[..., :-1], b[..., 1:]
+  ok = den != 0
+  ratio = num / jnp.where(ok, den, 1.0)
+  return jnp.where(ok, ratio, jnp.where(num == 0, 1.0, jnp.sign(num) * jnp.inf))
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,11 +331,12 @@ def optimal_alpha(y1, y0_t, reference, *, clip: Sequence[float] | None = None,
     reference: reference targets :math:`r`, same shape (e.g. one-hot labels).
     clip: None (unconstrained, :math:`\alpha \in \mathbb R` as Algorithm 1) or ``(low, high)``,
       e.g. ``(0, 1)``.
-    where: optional boolean mask broadcastable to the shape; False entries are ignored.
+    where: optional boolean mask broadcastable to the shape; False entries are ignored
+      (a non-boolean mask is a ``TypeError``).
 
   Returns:
     Scalar :math:`\alpha^\star`. If :math:`y^{(1)} = y^{(t)}_0` every alpha is optimal and 1 is
-    returned.
+    returned. A NaN in a kept entry of any input propagates (it is not read as "degenerate").
   """
   y1 = check_array("y1", y1, min_rank=0)
   y0 = check_array("y0_t", y0_t, min_rank=0)
@@ -295,13 +349,14 @@ def optimal_alpha(y1, y0_t, reference, *, clip: Sequence[float] | None = None,
   y1, y0, r = y1.astype(dt), y0.astype(dt), r.astype(dt)
   diff = y1 - y0
   resid = r - y0
-  if where is not None:
-    w = jnp.broadcast_to(jnp.asarray(where, bool), diff.shape)
+  w = check_where(where, diff.shape)
+  if w is not None:
     diff = jnp.where(w, diff, 0)
     resid = jnp.where(w, resid, 0)
   num = jnp.sum(resid * diff)
   den = jnp.sum(diff * diff)
-  alpha = jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 1.0)
+  ok = den != 0             # NaN den is kept: a NaN input propagates
+  alpha = jnp.where(ok, num / jnp.where(ok, den, 1), 1.0)
   if bounds is not None:
     alpha = jnp.clip(alpha, bounds[0], bounds[1])
   return alpha
@@ -312,14 +367,25 @@ def mixed_targets(y, y_prev, alpha) -> Array:
 
   Completing the square, :math:`\alpha\|y - f\|^2 + (1-\alpha)\|y^{(t-1)} - f\|^2` equals
   :math:`\|\alpha y + (1-\alpha) y^{(t-1)} - f\|^2` plus a constant, so each step is a plain fit
-  on this target.
+  on this target. ``alpha`` is any finite real (a scalar, or an array broadcastable to the
+  targets, e.g. a per-example ``[n, 1]`` weight), checked elementwise when concrete.
   """
-  y = jnp.asarray(y)
-  y_prev = jnp.asarray(y_prev)
+  y = check_array("y", y, min_rank=0)
+  y_prev = check_array("y_prev", y_prev, min_rank=0)
   if y.shape != y_prev.shape:
     raise ValueError(f"`y` and `y_prev` must have the same shape, got {y.shape} and "
                      f"{y_prev.shape}.")
-  return alpha * y + (1 - alpha) * y_prev
+  check_range("alpha", alpha)
+  dt = compute_dtype(y, y_prev)
+  al = jnp.asarray(alpha, dt)
+  try:
+    ok = jnp.broadcast_shapes(al.shape, y.shape) == y.shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"`alpha` must be a scalar or broadcastable to the target shape {y.shape}, "
+                     f"got shape {al.shape}.")
+  return al * y.astype(dt) + (1 - al) * y_prev.astype(dt)
 
 
 def softmax_mse_self_distill(student_logits, teacher_probs, targets, *, alpha,
@@ -340,6 +406,8 @@ def softmax_mse_self_distill(student_logits, teacher_probs, targets, *, alpha,
   if not (z.shape == pt.shape == y.shape):
     raise ValueError(f"`student_logits`, `teacher_probs` and `targets` must have the same shape, "
                      f"got {z.shape}, {pt.shape} and {y.shape}.")
+  check_range("alpha", alpha)
+  axis = normalize_axis(axis, z.ndim)
   dt = compute_dtype(z, pt, y)
   p = jax.nn.softmax(z.astype(dt), axis=axis)
   gt = jnp.mean((p - y.astype(dt)) ** 2, axis=axis)
@@ -399,10 +467,11 @@ def explicit_refit(k_train_train, y_train, *, lam, alpha, steps: int,
     Predictions of steps ``1..steps`` stacked on a leading axis: ``[steps, n(, m)]`` on the
     training inputs, or ``[steps, n_test(, m)]`` when ``k_test_train`` is given.
   """
-  if not isinstance(steps, (int, np.integer)) or steps < 1:
-    raise ValueError(f"`steps` must be an int >= 1, got {steps!r}.")
+  steps = check_int("steps", steps, low=1)
   k = _square_gram(k_train_train)
   y = _check_targets(y_train, k.shape[0])
+  check_positive("lam", lam)
+  _check_alpha(alpha)
   sched = np.asarray(alpha)
   if sched.ndim == 1 and sched.shape[0] < steps - 1:
     raise ValueError(f"`alpha` schedule must have >= steps - 1 = {steps - 1} entries.")
@@ -616,8 +685,7 @@ class SelfDistillPredictor:
     Step :math:`t` starts from the step-:math:`(t-1)` model built with the earlier optimal
     weights. Returns ``[steps - 1]`` weights, usable as the ``alpha`` schedule of every method.
     """
-    if not isinstance(steps, (int, np.integer)) or steps < 2:
-      raise ValueError(f"`steps` must be an int >= 2, got {steps!r}.")
+    steps = check_int("steps", steps, low=2)
     bounds = _check_clip(clip)
     r = check_array("reference", reference).astype(self.z.dtype)
     d, lam = self.eigenvalues, self.lam

@@ -191,3 +191,155 @@ def test_bad_input_errors():
     sd.explicit_refit(k, y, lam=0.1, alpha=0.5, steps=0)
   with pytest.raises(ValueError, match="`t`"):
     sd.b_recursion(np.ones(3), 0.1, 0.5, 0)
+
+
+# ----------------------------------------------------------------------------- regressions
+
+_JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+
+
+def _toy_predictor(dtype=None):
+  d = sd.toy_data()
+  k = kernels.rbf(d["x"], d["x"], gamma=sd.TOY_GAMMA)
+  kt = kernels.rbf(d["grid"], d["x"], gamma=sd.TOY_GAMMA)
+  return sd.self_distill_predictor(k, d["y"], lam=sd.TOY_LAM, dtype=dtype), kt
+
+
+@_JIT
+def test_t_inf_equals_limit(jit):
+  """N16: c_coefficients(t=inf) gave 1 (n = 0), so from_initial_fit(inf) missed the limit by 0.3."""
+  p, kt = _toy_predictor()
+  d, lam, al = p.eigenvalues, p.lam, 0.25
+  c = (jax.jit(sd.c_coefficients) if jit else sd.c_coefficients)(d, lam, al, jnp.inf)
+  np.testing.assert_allclose(c, sd.c_coefficients(d, lam, al, 10**6), rtol=1e-5)
+  np.testing.assert_allclose(c, al * (d + lam) / (al * d + lam), rtol=1e-6)
+  fit = jax.jit(lambda q, t: q.from_initial_fit(t, al)) if jit else (
+      lambda q, t: q.from_initial_fit(t, al))
+  np.testing.assert_allclose(fit(p, jnp.inf), p.limit(al), atol=1e-5)
+  np.testing.assert_allclose(p.from_initial_fit(jnp.inf, al, k_test_train=kt), p.limit(al, kt),
+                             atol=1e-5)
+
+
+@_JIT
+@pytest.mark.parametrize("t", [1, 2, 3, jnp.inf])
+def test_alpha_derivative_finite_at_one(t, jit):
+  """N18: power(0, 0) inside a where gave NaN d/dalpha at alpha = 1 (limit, predict(1, .))."""
+  p, kt = _toy_predictor()
+  for f in (lambda a: p.predict(t, a).sum(), lambda a: p.predict(t, a, kt).sum(),
+            lambda a: p.from_initial_fit(t, a).sum(), lambda a: p.alpha_zero_student(t, a).sum(),
+            lambda a: sd.b_coefficients(p.eigenvalues, p.lam, a, t).sum(),
+            lambda a: sd.c_coefficients(p.eigenvalues, p.lam, a, t).sum()):
+    g = (jax.jit(jax.grad(f)) if jit else jax.grad(f))(1.0)
+    assert np.isfinite(float(g))
+
+
+def test_alpha_derivative_at_one_matches_finite_difference(x64):
+  p, _ = _toy_predictor(jnp.float64)
+  d, lam = np.asarray(p.eigenvalues), float(p.lam)
+  for t in (1, 2, 3, 7, jnp.inf):
+    f = lambda a: jnp.sum(sd.b_coefficients(p.eigenvalues, p.lam, a, t))  # noqa: E731
+    fd = (f(1.0) - f(1.0 - 1e-6)) / 1e-6        # one-sided: the formula holds for any alpha
+    np.testing.assert_allclose(float(jax.grad(f)(1.0)), float(fd), rtol=1e-4, atol=1e-9)
+  # At alpha = 1 every step t >= 2 is ridge: d b/d alpha = a (1 - a) = d lam / (d + lam)^2.
+  g = jax.grad(lambda a: jnp.sum(p.limit(a)))(1.0)
+  assert np.isfinite(float(g))
+  np.testing.assert_allclose(jax.jacobian(lambda a: sd.b_limit(p.eigenvalues, p.lam, a))(1.0),
+                             d * lam / (d + lam) ** 2, rtol=1e-10)
+
+
+def test_bfloat16_in_float32_out():
+  """N7: the closed forms returned bfloat16 (or float16) for low-precision input."""
+  d = jnp.array([3.0, 1.0, 0.5, 0.0], jnp.bfloat16)
+  y = jnp.array([0.5, 1.0, -1.0], jnp.bfloat16)
+  outs = [sd.a_coefficients(d, 0.2), sd.b_coefficients(d, 0.2, 0.25, 3),
+          sd.b_coefficients(d, 0.2, jnp.array([0.3, 0.5]), 3), sd.b_limit(d, 0.2, 0.25),
+          sd.c_coefficients(d, 0.2, 0.25, 3), sd.c_coefficients(d, 0.2, 0.25, jnp.inf),
+          sd.sparsification_ratios(d + 1), sd.optimal_alpha(y, y * 0.5, y),
+          sd.mixed_targets(y, y * 0.5, 0.3)]
+  assert all(o.dtype == jnp.float32 for o in outs), [o.dtype for o in outs]
+  np.testing.assert_allclose(outs[1], sd.b_coefficients(d.astype(jnp.float32), 0.2, 0.25, 3))
+
+
+@_JIT
+def test_nan_propagates(jit):
+  """optimal_alpha read a NaN denominator as 'degenerate' and returned 1."""
+  y1, y0 = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.0, 1.0, 5.0])
+  f = jax.jit(sd.optimal_alpha) if jit else sd.optimal_alpha
+  assert np.isnan(float(f(y1.at[0].set(jnp.nan), y0, y1)))
+  assert np.isnan(float(f(y1, y0, y1.at[1].set(jnp.nan))))
+  # A masked NaN is dropped.
+  assert np.isfinite(float(sd.optimal_alpha(y1.at[0].set(jnp.nan), y0, y1,
+                                            where=jnp.array([False, True, True]))))
+  d = jnp.array([3.0, jnp.nan, 0.5])
+  for out in (sd.a_coefficients(d, 0.2), sd.b_coefficients(d, 0.2, 0.3, 4),
+              sd.b_limit(d, 0.2, 0.3), sd.c_coefficients(d, 0.2, 0.3, jnp.inf)):
+    assert np.isnan(np.asarray(out)[1]) and np.isfinite(np.asarray(out)[[0, 2]]).all()
+  r = np.asarray(sd.sparsification_ratios(jnp.array([0.5, jnp.nan, 0.2])))
+  assert np.isnan(r).all()
+
+
+def test_sparsification_ratios_zero_coefficients():
+  r = np.asarray(sd.sparsification_ratios(jnp.array([0.5, 0.25, 0.0, 0.0])))
+  np.testing.assert_array_equal(r, [2.0, np.inf, 1.0])
+  g = jax.grad(lambda b: jnp.sum(jnp.where(jnp.isfinite(sd.sparsification_ratios(b)),
+                                           sd.sparsification_ratios(b), 0.0)))(
+      jnp.array([0.5, 0.25, 0.0, 0.0]))
+  assert np.isfinite(np.asarray(g)).all()
+
+
+def test_hyper_parameters_checked_elementwise_and_typed():
+  """N3/N24: array hyper-parameters are checked elementwise; bool/str rejected, numpy ints ok."""
+  d = jnp.array([3.0, 1.0, 0.5])
+  with pytest.raises(ValueError, match="lam"):
+    sd.a_coefficients(d, jnp.array([0.2, -0.1, 0.2]))
+  with pytest.raises(ValueError, match="alpha"):
+    sd.b_coefficients(d, 0.2, jnp.array([0.3, jnp.nan]), 3)
+  with pytest.raises(ValueError, match="alpha"):
+    sd.b_limit(d, 0.2, float("inf"))
+  for bad in (True, "0.5"):
+    with pytest.raises(TypeError, match="alpha"):
+      sd.b_coefficients(d, 0.2, bad, 3)
+    with pytest.raises(TypeError, match="alpha"):
+      sd.mixed_targets(d, d, bad)
+  with pytest.raises(TypeError, match="`t`"):
+    sd.b_coefficients(d, 0.2, 0.3, True)
+  with pytest.raises(ValueError, match="`t`"):
+    sd.c_coefficients(d, 0.2, 0.3, jnp.array([1.0, 2.5]))
+  with pytest.raises(ValueError, match="alpha"):
+    sd.mixed_targets(d, d, jnp.ones(2))
+  with pytest.raises(TypeError, match="where"):
+    sd.optimal_alpha(d, d * 0.5, d, where=jnp.ones(3))
+  # numpy integers are integers.
+  np.testing.assert_allclose(sd.b_coefficients(d, 0.2, 0.3, np.int64(3)),
+                             sd.b_coefficients(d, 0.2, 0.3, 3))
+  assert sd.explicit_refit(jnp.eye(3), d, lam=0.1, alpha=0.5, steps=np.int32(2)).shape == (2, 3)
+  np.testing.assert_allclose(sd.b_recursion(d, 0.2, 0.3, np.int64(3)),
+                             sd.b_coefficients(d, 0.2, 0.3, 3), rtol=1e-6)
+  # alpha outside [0, 1] is allowed at finite steps (Algorithm 1 is unconstrained).
+  assert np.isfinite(np.asarray(sd.b_coefficients(d, 0.2, 1.5, 3))).all()
+  np.testing.assert_allclose(sd.mixed_targets(d, 2 * d, 1.5), 1.5 * d - 0.5 * 2 * d, rtol=1e-6)
+
+
+def test_singular_gram_float32_is_finite_not_accurate():
+  """N17: the docstring's numbers (triplicated toy inputs, rank 11 of 33, t = 3, alpha = .25)."""
+  toy = sd.toy_data()
+  rng = np.random.default_rng(0)
+  x = np.concatenate([toy["x"]] * 3)
+  y = np.sin(2 * np.pi * x) + 0.3 * rng.normal(size=33)
+  k32 = kernels.rbf(x, x, gamma=80.0)
+  kt32 = kernels.rbf(toy["grid"], x, gamma=80.0)
+  with jax.enable_x64(True):
+    k64 = np.exp(-80.0 * (x[:, None] - x[None]) ** 2)
+    kt64 = np.exp(-80.0 * (toy["grid"][:, None] - x[None]) ** 2)
+    assert np.linalg.matrix_rank(k64) == 11
+    dev = {}
+    for lam in (1e-4, 1e-7):
+      f64 = np.asarray(sd.self_distill_predictor(jnp.asarray(k64), jnp.asarray(y), lam=lam,
+                                                 dtype=jnp.float64).predict(3, .25,
+                                                                            jnp.asarray(kt64)))
+      with jax.enable_x64(False):
+        f32 = np.asarray(sd.self_distill_predictor(k32, y, lam=lam).predict(3, .25, kt32))
+      assert np.isfinite(f32).all()
+      dev[lam] = np.abs(f32 - f64).max() / np.abs(f64).max()
+  assert dev[1e-4] < 1e-3          # lam above 1e-5 |K|: accurate
+  assert dev[1e-7] > 0.05          # lam far below it: finite but wrong in float32
