@@ -290,8 +290,9 @@ def b_recursion(d, lam, alpha, t: int) -> np.ndarray:
 def sparsification_ratios(b: Array) -> Array:
   r""":math:`R_k = b_k / b_{k+1}` for coefficients sorted by decreasing eigenvalue (shape n-1).
 
-  Where :math:`b_{k+1} = 0` (a zero eigenvalue) the ratio is ±inf (the sign of :math:`b_k`), and 1 where both are 0 (no
-  NaN is created; a NaN coefficient propagates). float32 out for low-precision input.
+  Where :math:`b_{k+1} = 0` (a zero eigenvalue) the ratio is ±inf (the sign of :math:`b_k`),
+  and 1 where both are 0 (no NaN is created; a NaN coefficient propagates). float32 out for
+  low-precision input.
   """
   b = check_array("b", b)
   b = b.astype(compute_dtype(b))
