@@ -571,8 +571,20 @@ class SelfDistillPredictor:
     return (w + (1 - w) * self._prev_b(t, alpha)) / (d + self.lam)
 
   # -- predictions --------------------------------------------------------------------------
-  def _apply(self, coef, k_test_train):
-    """V diag(coef) z on train points, or k_test (V diag(coef) z) for test points."""
+  def apply(self, coef, k_test_train=None) -> Array:
+    r"""Predictions of arbitrary eigen-coefficients (e.g. of a custom schedule or a grid search).
+
+    Train points: :math:`V \operatorname{diag}(c) V^\top y` (``coef`` = :math:`b_k`, e.g.
+    `coefficients`); test points (``k_test_train`` ``[m, n]``):
+    :math:`\mathbf k(x)^\top V \operatorname{diag}(c) V^\top y` (``coef`` = the dual coefficients,
+    e.g. `dual_coefficients` or :math:`(\alpha + (1-\alpha) b_k) / (d_k + \lambda)`).
+    ``coef`` has shape ``[n]`` (decreasing-eigenvalue order).
+    """
+    coef = check_array("coef", coef)
+    if coef.shape != self.eigenvalues.shape:
+      raise ValueError(f"`coef` must have shape {self.eigenvalues.shape} (one per eigenvalue), "
+                       f"got {coef.shape}.")
+    coef = coef.astype(self.z.dtype)
     c = coef if self.z.ndim == 1 else coef[:, None]
     hp = jax.lax.Precision.HIGHEST
     if k_test_train is None:
@@ -584,8 +596,8 @@ class SelfDistillPredictor:
     r"""Step-:math:`t` predictions: :math:`y^{(t)} = V B^{(t)} V^\top y` on the training
     inputs, or :math:`f^{(t)}(x)` for the rows of ``k_test_train`` [paper]."""
     if k_test_train is None:
-      return self._apply(self.coefficients(t, alpha), None)
-    return self._apply(self.dual_coefficients(t, alpha), k_test_train)
+      return self.apply(self.coefficients(t, alpha), None)
+    return self.apply(self.dual_coefficients(t, alpha), k_test_train)
 
   __call__ = predict
 
@@ -610,9 +622,9 @@ class SelfDistillPredictor:
       if y1 is not None:
         raise ValueError("`y1` and `k_test_train` cannot both be given: test predictions use "
                          "the training labels stored in the predictor.")
-      return self._apply(c / (self.eigenvalues + self.lam), k_test_train)
+      return self.apply(c / (self.eigenvalues + self.lam), k_test_train)
     if y1 is None:
-      return self._apply(c * self.a, None)
+      return self.apply(c * self.a, None)
     y1 = check_array("y1", y1)
     if y1.shape != self.z.shape:
       raise ValueError(f"`y1` must have the training target shape {self.z.shape}, got "
@@ -633,8 +645,8 @@ class SelfDistillPredictor:
     _check_step(t, allow_inf=_check_alpha(alpha).ndim == 0)
     prev = self._prev_b(t, alpha)
     if k_test_train is None:
-      return self._apply(self.a * prev, None)
-    return self._apply(prev / (self.eigenvalues + self.lam), k_test_train)
+      return self.apply(self.a * prev, None)
+    return self.apply(prev / (self.eigenvalues + self.lam), k_test_train)
 
   # -- optimal alpha ------------------------------------------------------------------------
   def optimal_alpha(self, t, alpha, reference, *, k_eval_train=None,
@@ -699,7 +711,7 @@ class SelfDistillPredictor:
 
     def body(b_prev, _):
       coef = a * b_prev if k_eval_train is None else b_prev / denom_test
-      y0 = self._apply(coef, k_eval_train)
+      y0 = self.apply(coef, k_eval_train)
       al = optimal_alpha(y1, y0, r, clip=bounds)
       return a * (al + (1 - al) * b_prev), al
 

@@ -343,3 +343,14 @@ def test_singular_gram_float32_is_finite_not_accurate():
       dev[lam] = np.abs(f32 - f64).max() / np.abs(f64).max()
   assert dev[1e-4] < 1e-3          # lam above 1e-5 |K|: accurate
   assert dev[1e-7] > 0.05          # lam far below it: finite but wrong in float32
+
+
+def test_public_apply_of_coefficients():
+  """A5: experiments called the private `_apply`; `apply` is the public way to use custom
+  eigen-coefficients."""
+  p, kt = _toy_predictor()
+  np.testing.assert_allclose(p.apply(p.coefficients(3, 0.25)), p.predict(3, 0.25), atol=1e-6)
+  np.testing.assert_allclose(p.apply(p.dual_coefficients(3, 0.25), kt), p.predict(3, 0.25, kt),
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="coef"):
+    p.apply(jnp.ones(3))

@@ -53,7 +53,7 @@ def _grid_greedy(pred, steps, alphas, ref, k_eval):
 
   def body(b_prev, _):
     # Step-t predictions for each grid alpha (a re-fit on the mixed target, in closed form).
-    fits = jax.vmap(lambda al: pred._apply((al + (1 - al) * b_prev) / (d + lam), k_eval))(alphas)
+    fits = jax.vmap(lambda al: pred.apply((al + (1 - al) * b_prev) / (d + lam), k_eval))(alphas)
     best = alphas[jnp.argmin(jnp.mean((fits - ref) ** 2, axis=-1))]
     return a * (best + (1 - best) * b_prev), best
 
