@@ -28,6 +28,13 @@ Contents:
   cross-problem SNR per pass-rate bin from per-example gradients), :func:`snr_optimal_weight`
   (μ/σ²), :func:`efficiency` (Eff(w)) and :func:`one_step_gain` (the pointwise surrogate).
 
+Contract: ``where`` is a boolean mask broadcastable to the array it masks; bfloat16/float16
+inputs are computed and returned in float32; a NaN pass rate, reward, weight or loss propagates
+(it is never read as a boundary or a padding entry; the one exception, as in
+:func:`kdjax.reductions.masked_sum_and_count`, is an example of weight exactly 0, which
+contributes nothing); concrete hyper-parameters and data ranges (p and rewards in [0, 1],
+weights >= 0, σ² > 0) are checked elementwise, traced ones are not.
+
 The AKL baseline the paper compares against is :func:`kdjax.losses.adaptive_kl` (one
 implementation, in the loss library). Theory and checks: ``theory/paced.md``,
 ``python -m theory --only paced``.
@@ -411,7 +418,7 @@ def refresh_due(step: Any, *, every: int, switch_step: int | None = None) -> Arr
 
 def snr_model(p: Array, *, c: float = 1.0, s: float = 1.0, sigma0: float = 0.05,
               k: int = 8) -> tuple[Array, Array, Array]:
-  r"""The [proposed] gradient model of paced.md §6: returns (μ(p), σ²(p), SNR(p)).
+  r"""The [proposed] gradient model of ``theory/paced.md`` §6: returns (μ(p), σ²(p), SNR(p)).
 
   μ(p) = c p(1−p), σ²(p) = (1−p)³ (p + s²)/K + σ0², SNR = μ²/σ². Realised (c = 1) by averaging
   K rollouts, a correct one contributing (1−p) v, an incorrect one (1−p) s u with u uniform on
