@@ -261,3 +261,44 @@ def test_bad_input():
     f(jnp.ones((6, H), jnp.int32), w_s, x_t, w_t)
   with pytest.raises(TypeError, match="divergence"):
     fl.fused_linear_forward_kl(x_s, w_s, x_t, w_t, divergence="reverse_kl")
+
+
+@pytest.mark.parametrize("divergence", fl.DIVERGENCES)
+def test_hyperparameter_gradients_match_reference(divergence):
+  """N5: d/dT, d/dβ (or λ), d/dkd_weight and d/dce_weight equal the reference's (were 0)."""
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=11, v=23)
+
+  def grads(impl):
+    def f(t, c, kw, cw):
+      coef = dict(beta=c) if divergence == "generalized_jsd" else dict(skew=c)
+      return fl.fused_linear_distillation(
+          x_s, w_s, x_t, w_t, divergence=divergence, temperature=t, kd_weight=kw, ce_weight=cw,
+          labels=labels, where=mask, implementation=impl, chunk_size=4, tile_size=8,
+          **coef).mean()
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(2.0, 0.3, 0.5, 0.7)
+
+  want = grads("reference")
+  assert abs(float(want[0])) > 1e-4 and abs(float(want[2])) > 1e-4
+  for implementation in FAST:
+    _assert_close(grads(implementation), want, rtol=1e-4, atol_scale=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ("reference",) + FAST)
+def test_jsd_endpoints_same_eager_and_jit(implementation):
+  """N6: β = 0 / 1 give forward / reverse KL whether β is concrete or traced."""
+  x_s, w_s, x_t, w_t, _, _ = _inputs(n=6, v=11)
+  kw = dict(implementation=implementation, chunk_size=4, tile_size=4)
+  for beta, div in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+    want = _jit(fl.fused_linear_distillation_per_token, x_s, w_s, x_t, w_t, divergence=div, **kw)
+    traced = jax.jit(lambda b: fl.fused_linear_distillation_per_token(
+        x_s, w_s, x_t, w_t, divergence="generalized_jsd", beta=b, **kw))(beta)
+    eager = fl.fused_linear_distillation_per_token(x_s, w_s, x_t, w_t,
+                                                   divergence="generalized_jsd", beta=beta, **kw)
+    assert float(jnp.abs(want).max()) > 1e-3
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(want), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(want), rtol=1e-5, atol=1e-7)
+    gw = jax.jit(jax.grad(lambda a: fl.fused_linear_distillation(
+        a, w_s, x_t, w_t, divergence=div, **kw).mean()))(x_s)
+    gt = jax.jit(jax.grad(lambda a, b: fl.fused_linear_distillation(
+        a, w_s, x_t, w_t, divergence="generalized_jsd", beta=b, **kw).mean()))(x_s, beta)
+    _assert_close(gt, gw, rtol=1e-4, atol_scale=1e-5)

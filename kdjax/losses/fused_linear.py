@@ -53,8 +53,12 @@ Semantics shared by every implementation:
   logit gradient is rounded to the head weight's dtype before the two backward matmuls (as
   fused GPU kernels do) while ``dW_S`` is accumulated in float32. Design choice (kdjax)
   [proposed].
-* Generalized JSD at a concrete β = 0 is forward KL and at β = 1 reverse KL, the endpoint
-  convention of :func:`kdjax.divergences.generalized_jsd` [proposed, following TRL and Liger].
+* Generalized JSD at β = 0 is forward KL and at β = 1 reverse KL, the endpoint convention of
+  :func:`kdjax.divergences.generalized_jsd` [proposed, following TRL and Liger], selected with
+  ``jnp.where`` on β: the same eagerly and under ``jax.jit`` (a traced β schedule included).
+* Gradients flow to ``temperature``, ``beta``/``skew``, ``kd_weight`` and ``ce_weight`` in every
+  implementation and equal the reference's (the fast paths accumulate them in their custom
+  VJPs; streaming by forward mode over the four hyper-parameters).
 * Token counts that are not a multiple of ``chunk_size`` and vocabularies that are not a
   multiple of ``tile_size`` work: the last window is shifted back to end at the last row
   (no padded copy of a ``[V, H]`` weight or ``[N, V]`` teacher tensor is made) and the rows it
@@ -227,7 +231,7 @@ def _chunked_bwd(cfg, res, g):
   c, vt = cfg.chunk_size, cfg.tile_size
 
   def body(carry, i):
-    dw, dx = carry
+    dw, dx, dhp = carry
     start, fresh = _window(n, c, i)
     xc = jax.lax.dynamic_slice_in_dim(x_s, start, c, 0)
     s = _matmul(xc, w_s, dt)
@@ -235,8 +239,9 @@ def _chunked_bwd(cfg, res, g):
     m = jax.lax.dynamic_slice_in_dim(mask, start, c, 0) & fresh
     lab = jax.lax.dynamic_slice_in_dim(labels, start, c, 0)
     gc = jnp.where(m, jax.lax.dynamic_slice_in_dim(g, start, c, 0), 0.0)
-    _, vjp = jax.vjp(lambda z: _values_from_logits(z, t, lab, m, hp, cfg), s)
-    (dz,) = vjp(gc.astype(dt))
+    _, vjp = jax.vjp(lambda z, h: _values_from_logits(z, t, lab, m, h, cfg), s, hp)
+    dz, dhc = vjp(gc.astype(dt))
+    dhp = dhp + dhc
     dz = dz.astype(w_s.dtype)
     dxc = jnp.einsum("cv,vh->ch", dz, w_s, preferred_element_type=dt)
     xw = xc.astype(w_s.dtype)
@@ -253,11 +258,11 @@ def _chunked_bwd(cfg, res, g):
     dw, _ = jax.lax.scan(dw_tile, dw, jnp.arange(_num_windows(v, vt)))
     old = jax.lax.dynamic_slice_in_dim(dx, start, c, 0)
     dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(fresh[:, None], dxc, old), start, 0)
-    return (dw, dx), None
+    return (dw, dx, dhp), None
 
-  init = (jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt))
-  (dw, dx), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(n, c)))
-  return dx.astype(x_s.dtype), dw.astype(w_s.dtype), None, None, None, None
+  init = (jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt), jnp.zeros_like(hp))
+  (dw, dx, dhp), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(n, c)))
+  return dx.astype(x_s.dtype), dw.astype(w_s.dtype), None, None, None, dhp
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -362,6 +367,13 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
       return (div, aux), None
 
     (div, aux), _ = jax.lax.scan(pass2, (zero, zero), jnp.arange(nt))
+    if cfg.divergence == "generalized_jsd":
+      # Endpoint convention of divergences.generalized_jsd, selected with jnp.where on β so it
+      # is the same eagerly and under jit: β = 0 is KL(p_T‖p_S), β = 1 is KL(p_S‖p_T).
+      kl_f = a / safe_lt - lse_t + lse_s
+      kl_r = b / safe_ls - lse_s + lse_t
+      div = jnp.where(coef == 0.0, kl_f, jnp.where(coef == 1.0, kl_r, div))
+      stats["kl_r"] = kl_r
     stats["div"], stats["aux"] = div, aux
   if cfg.has_labels:
     stats["lse_c"] = _log_norm(mc, lc)
@@ -409,6 +421,8 @@ def _streaming_bwd(cfg, res, g):
       ds = p * (lp - lq - aux)
     elif cfg.divergence == "generalized_jsd":
       ds = p * ((1.0 - coef) * (lp - _mixture_terms(lp, lq, coef, cfg)) - aux)
+      ds = jnp.where(coef == 0.0, p - jnp.exp(lq),
+                     jnp.where(coef == 1.0, p * (lp - lq - stats["kl_r"][:, None]), ds))
     else:
       lm = _mixture_terms(lp, lq, coef, cfg)
       ds = -(1.0 - coef) * jnp.exp(lp + lq - lm) - p * aux
@@ -427,7 +441,13 @@ def _streaming_bwd(cfg, res, g):
 
   init = (jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt))
   (dw, dx), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(v, vt)))
-  return dx.astype(x_s.dtype), dw.astype(w_s.dtype), None, None, None, None
+  # Hyper-parameter gradients (T, β/λ, kd_weight, ce_weight): forward mode over the 4 entries
+  # of hp, so the cost is a few extra streaming sweeps and no [N, V] residual is stored.
+  def weighted(h):
+    return jnp.sum(g * _stream_values(_stream_stats(x_s, w_s, teacher, labels, h, cfg), mask, h,
+                                      cfg))
+  dhp = jax.jacfwd(weighted)(hp)
+  return dx.astype(x_s.dtype), dw.astype(w_s.dtype), None, None, None, dhp
 
 
 _streaming.defvjp(_streaming_fwd, _streaming_bwd)
@@ -569,14 +589,9 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
     lab = jnp.zeros((n,), jnp.int32)
 
   dt = _checks.compute_dtype(x_s, w_s, *teacher)
-  # Endpoint convention of divergences.generalized_jsd for a concrete β ∈ {0, 1}.
+  # The generalized-JSD endpoints (β ∈ {0, 1}) are selected inside every implementation with
+  # jnp.where on β, never by a Python branch on a concrete value (jit(f)(x) == f(x)).
   coef = skew if divergence == "skew_forward_kl" else beta
-  if divergence == "generalized_jsd":
-    b = _checks.concrete_scalar(beta)
-    if b == 0.0:
-      divergence = "forward_kl"
-    elif b == 1.0:
-      divergence = "reverse_kl"
   hp = jnp.stack([jnp.asarray(temperature, dt), jnp.asarray(coef, dt),
                   jnp.asarray(kd_weight, dt), jnp.asarray(ce_weight, dt)])
 
