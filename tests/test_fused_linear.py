@@ -302,3 +302,25 @@ def test_jsd_endpoints_same_eager_and_jit(implementation):
     gt = jax.jit(jax.grad(lambda a, b: fl.fused_linear_distillation(
         a, w_s, x_t, w_t, divergence="generalized_jsd", beta=b, **kw).mean()))(x_s, beta)
     _assert_close(gt, gw, rtol=1e-4, atol_scale=1e-5)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_inside_shard_map(implementation):
+  """N22: the documented recipe (shard_map over tokens + R.psum) runs with check_vma=True."""
+  from kdjax import reductions as R
+  PS = jax.sharding.PartitionSpec
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=32, v=30)
+  kw = dict(divergence="generalized_jsd", beta=0.3, temperature=2.0, implementation=implementation,
+            chunk_size=2, tile_size=8)
+
+  def local(a, b, c, d, lab, m):
+    return R.psum(fl.fused_linear_distillation(a, b, c, d, labels=lab, where=m, **kw), "data")
+
+  sm = jax.shard_map(local, mesh=mesh, in_specs=(PS("data"), PS(), PS("data"), PS(),
+                                                 PS("data"), PS("data")), out_specs=PS())
+  loss = lambda a, b: sm(a, b, x_t, w_t, labels, mask).mean()
+  got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x_s, w_s)
+  kw.pop("implementation")
+  want = _value_and_grads("reference", x_s, w_s, x_t, w_t, labels=labels, where=mask, **kw)
+  _assert_close(got, want, rtol=1e-4, atol_scale=1e-5)

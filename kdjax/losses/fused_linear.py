@@ -63,6 +63,9 @@ Semantics shared by every implementation:
   multiple of ``tile_size`` work: the last window is shifted back to end at the last row
   (no padded copy of a ``[V, H]`` weight or ``[N, V]`` teacher tensor is made) and the rows it
   repeats are masked. Design choice (kdjax) [proposed].
+* Inside ``jax.shard_map`` (default ``check_vma=True``) both fast paths run: scan carries take
+  the inputs' device-varying-ness and a replicated head weight's gradient is summed over the
+  token axis, as autodiff would.
 * Under ``jax.jit`` with token-sharded inputs on a mesh the result equals the single-device
   one. For pure data parallelism without any cross-device traffic inside the loss, call it
   inside ``jax.shard_map`` on the local tokens and add the pairs with
@@ -138,6 +141,40 @@ def _num_windows(total: int, size: int) -> int:
   return -(-total // size)
 
 
+def _varying_like(tree, *refs):
+  """`tree` (scan-carry initial values) made device-varying over every mesh axis the inputs
+  `refs` vary over, so a scan inside ``jax.shard_map`` (``check_vma=True``) type-checks."""
+  def varying(a) -> set:
+    t = jax.typeof(a)
+    m = getattr(t, "manual_axis_type", None)
+    return set(getattr(m, "varying", None) or getattr(t, "vma", None) or ())
+
+  names = set()
+  for r in jax.tree.leaves(refs):
+    names |= varying(r)
+  if not names:
+    return tree
+
+  def cast(z):
+    missing = tuple(sorted(names - varying(z)))
+    return jax.lax.pcast(z, missing, to="varying") if missing else z
+  return jax.tree.map(cast, tree)
+
+
+def _vjp_like(grads, primals):
+  """Cotangents with the primals' varying-ness: a gradient that varies over a mesh axis its
+  (replicated) primal does not is summed over it, the transpose of the implicit broadcast."""
+  def one(g, p):
+    if g is None:
+      return None
+    def axes(a):
+      m = getattr(jax.typeof(a), "manual_axis_type", None)
+      return set(getattr(m, "varying", None) or ())
+    extra = tuple(sorted(axes(g) - axes(p)))
+    return jax.lax.psum(g, extra) if extra else g
+  return tuple(one(g, p) for g, p in zip(grads, primals))
+
+
 def _teacher_rows(teacher: tuple, start, size: int, cfg: _Cfg) -> Array:
   """Teacher logits of rows [start, start + size)."""
   dt = jnp.dtype(cfg.dtype)
@@ -210,7 +247,8 @@ def _chunked_forward(x_s, w_s, teacher, mask, labels, hp, cfg):
     old = jax.lax.dynamic_slice_in_dim(out, start, c, 0)
     return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(fresh, v, old), start, 0), None
 
-  out, _ = jax.lax.scan(body, jnp.zeros((n,), dt), jnp.arange(_num_windows(n, c)))
+  init = _varying_like(jnp.zeros((n,), dt), x_s, w_s, teacher, mask, labels, hp)
+  out, _ = jax.lax.scan(body, init, jnp.arange(_num_windows(n, c)))
   return out
 
 
@@ -260,9 +298,11 @@ def _chunked_bwd(cfg, res, g):
     dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(fresh[:, None], dxc, old), start, 0)
     return (dw, dx, dhp), None
 
-  init = (jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt), jnp.zeros_like(hp))
+  init = _varying_like((jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt), jnp.zeros_like(hp)),
+                       x_s, w_s, teacher, mask, labels, hp, g)
   (dw, dx, dhp), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(n, c)))
-  return dx.astype(x_s.dtype), dw.astype(w_s.dtype), None, None, None, dhp
+  dx, dw, dhp = _vjp_like((dx.astype(x_s.dtype), dw.astype(w_s.dtype), dhp), (x_s, w_s, hp))
+  return dx, dw, None, None, None, dhp
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -333,7 +373,8 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
       picked = picked + jnp.sum(jnp.where(hit, zs, 0.0), axis=-1)
     return (ms, ls, mt, lt, a, b, mc, lc, picked), None
 
-  init = (neg, zero, neg, zero, zero, zero, neg, zero, zero)
+  init = _varying_like((neg, zero, neg, zero, zero, zero, neg, zero, zero), x_s, w_s, teacher,
+                       labels, hp)
   (ms, ls, mt, lt, a, b, mc, lc, picked), _ = jax.lax.scan(pass1, init, jnp.arange(nt))
   lse_s, lse_t = _log_norm(ms, ls), _log_norm(mt, lt)
   safe_lt = jnp.where(lt > 0, lt, 1.0)
@@ -366,7 +407,8 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
         aux = aux - (1.0 - coef) * jnp.sum(jnp.where(valid, jnp.exp(lp + lq - lm), 0.0), -1)
       return (div, aux), None
 
-    (div, aux), _ = jax.lax.scan(pass2, (zero, zero), jnp.arange(nt))
+    (div, aux), _ = jax.lax.scan(
+        pass2, _varying_like((zero, zero), x_s, w_s, teacher, hp), jnp.arange(nt))
     if cfg.divergence == "generalized_jsd":
       # Endpoint convention of divergences.generalized_jsd, selected with jnp.where on β so it
       # is the same eagerly and under jit: β = 0 is KL(p_T‖p_S), β = 1 is KL(p_S‖p_T).
@@ -439,7 +481,8 @@ def _streaming_bwd(cfg, res, g):
     dx = dx + jnp.einsum("nv,vh->nh", dz, w_tile, preferred_element_type=dt)
     return (dw, dx), None
 
-  init = (jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt))
+  init = _varying_like((jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt)), x_s, w_s, teacher,
+                       mask, labels, hp, g, stats)
   (dw, dx), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(v, vt)))
   # Hyper-parameter gradients (T, β/λ, kd_weight, ce_weight): forward mode over the 4 entries
   # of hp, so the cost is a few extra streaming sweeps and no [N, V] residual is stored.
@@ -447,7 +490,8 @@ def _streaming_bwd(cfg, res, g):
     return jnp.sum(g * _stream_values(_stream_stats(x_s, w_s, teacher, labels, h, cfg), mask, h,
                                       cfg))
   dhp = jax.jacfwd(weighted)(hp)
-  return dx.astype(x_s.dtype), dw.astype(w_s.dtype), None, None, None, dhp
+  dx, dw, dhp = _vjp_like((dx.astype(x_s.dtype), dw.astype(w_s.dtype), dhp), (x_s, w_s, hp))
+  return dx, dw, None, None, None, dhp
 
 
 _streaming.defvjp(_streaming_fwd, _streaming_bwd)
