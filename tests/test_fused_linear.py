@@ -324,3 +324,22 @@ def test_inside_shard_map(implementation):
   kw.pop("implementation")
   want = _value_and_grads("reference", x_s, w_s, x_t, w_t, labels=labels, where=mask, **kw)
   _assert_close(got, want, rtol=1e-4, atol_scale=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ("forward_kl", "generalized_jsd", "skew_forward_kl"))
+def test_neg_inf_and_nan_teacher_logit(divergence):
+  """N21: a -inf teacher logit gives the reference value in streaming (was NaN); N1: a NaN
+  teacher logit gives NaN for that token in every implementation."""
+  k = jax.random.split(jax.random.key(3), 3)
+  x, w, tl = (jax.random.normal(kk, s) for kk, s in zip(k, [(4, 8), (16, 8), (4, 16)]))
+  kw = dict(divergence=divergence, beta=0.4, skew=0.2, chunk_size=2, tile_size=5)
+  f = lambda t, impl: _jit(fl.fused_linear_distillation_per_token, x, w, teacher_logits=t,
+                           implementation=impl, **kw)
+  ninf = tl.at[0, 3].set(-jnp.inf)
+  want = np.asarray(f(ninf, "reference"))
+  assert np.all(np.isfinite(want))
+  nan = tl.at[1, 3].set(jnp.nan)
+  for impl in ("reference",) + FAST:
+    np.testing.assert_allclose(np.asarray(f(ninf, impl)), want, rtol=1e-5, atol=1e-6)
+    got = np.asarray(f(nan, impl))
+    assert np.isnan(got[1]) and np.all(np.isfinite(np.delete(got, 1)))

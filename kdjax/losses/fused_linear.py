@@ -71,8 +71,8 @@ Semantics shared by every implementation:
   inside ``jax.shard_map`` on the local tokens and add the pairs with
   :func:`kdjax.reductions.psum`.
 
-Limitations: ``teacher_logits`` must be finite in the streaming path (use ``-1e9`` rather than
-``-inf`` to remove a word); top-k sparse teacher targets and output biases are not supported.
+A ``-inf`` teacher logit removes that word in every implementation (streaming masks it in its
+online log-sum-exp); a NaN teacher logit propagates to the token's loss. Limitations: top-k sparse teacher targets and output biases are not supported.
 
 Prior art [paper]: Liger-Kernel ``LigerFusedLinearJSDLoss`` (arXiv:2410.10989; token chunks,
 gradients in the forward pass), MaxText vocabulary tiling (token tiles + custom VJP), Levanter
@@ -361,11 +361,16 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
     zs, zt, _ = _tile_logits(x_s, w_s, teacher, start, vt, cfg)
     s, t = zs / temperature, zt / temperature
     valid = fresh[None, :]
-    diff = jnp.where(valid, t - s, 0.0)
+    # A -inf teacher logit is a removed word (N21): it leaves the teacher's log-sum-exp and the
+    # a-accumulator (0·log 0 = 0) and gives +inf in b (reverse-KL support violation), never NaN.
+    # NaN is not -inf, so a NaN logit propagates.
+    t_ok = valid & (t != -jnp.inf)
+    diff = jnp.where(t_ok, t - s, 0.0)
     ms, ls, rs, es = _lse_step(ms, ls, s, valid)
-    mt, lt, rt, et = _lse_step(mt, lt, t, valid)
-    a = a * rt + jnp.sum(et * diff, axis=-1)
-    b = b * rs - jnp.sum(es * diff, axis=-1)
+    mt, lt, rt, et = _lse_step(mt, lt, t, t_ok)
+    a = a * rt + jnp.sum(jnp.where(t_ok, et * diff, 0.0), axis=-1)
+    b = b * rs - jnp.sum(jnp.where(t_ok, es * diff, jnp.where(valid & (es > 0), -jnp.inf, 0.0)),
+                         axis=-1)
     if cfg.has_labels:
       mc, lc, _, _ = _lse_step(mc, lc, zs, valid)
       cols = start + jnp.arange(vt)
@@ -399,11 +404,11 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
       p, q = jnp.exp(lp), jnp.exp(lq)
       if cfg.divergence == "generalized_jsd":
         term_s = jnp.sum(jnp.where(valid, p * (lp - lm), 0.0), axis=-1)
-        term_t = jnp.sum(jnp.where(valid, q * (lq - lm), 0.0), axis=-1)
+        term_t = jnp.sum(jnp.where(valid & (lq != -jnp.inf), q * (lq - lm), 0.0), axis=-1)
         div = div + coef * term_t + (1.0 - coef) * term_s
         aux = aux + (1.0 - coef) * term_s          # <p, g>, g = (1 − β) log(p / M)
       else:
-        div = div + jnp.sum(jnp.where(valid, q * (lq - lm), 0.0), axis=-1)
+        div = div + jnp.sum(jnp.where(valid & (lq != -jnp.inf), q * (lq - lm), 0.0), axis=-1)
         aux = aux - (1.0 - coef) * jnp.sum(jnp.where(valid, jnp.exp(lp + lq - lm), 0.0), -1)
       return (div, aux), None
 
