@@ -343,3 +343,15 @@ def test_neg_inf_and_nan_teacher_logit(divergence):
     np.testing.assert_allclose(np.asarray(f(ninf, impl)), want, rtol=1e-5, atol=1e-6)
     got = np.asarray(f(nan, impl))
     assert np.isnan(got[1]) and np.all(np.isfinite(np.delete(got, 1)))
+
+
+def test_array_hyperparameter_and_empty_vocabulary_errors():
+  """N24: a per-token temperature is rejected naming the argument; V = 0 is a clear error."""
+  x_s, w_s, x_t, w_t, _, _ = _inputs(n=4, v=11)
+  for name in ("temperature", "kd_weight", "ce_weight"):
+    with pytest.raises(ValueError, match=name):
+      fl.fused_linear_distillation(x_s, w_s, x_t, w_t, **{name: jnp.ones(4)})
+  with pytest.raises(TypeError, match="temperature"):
+    fl.fused_linear_distillation(x_s, w_s, x_t, w_t, temperature="2")
+  with pytest.raises(ValueError, match="student_weight"):
+    fl.fused_linear_distillation(x_s, w_s[:0], x_t, w_t[:0])

@@ -542,7 +542,9 @@ def fused_linear_distillation_per_token(
     teacher_logits: ``[..., V]`` precomputed teacher logits, instead of the two above.
     divergence: one of ``"forward_kl"`` KL(p_T‖p_S), ``"reverse_kl"`` KL(p_S‖p_T),
       ``"generalized_jsd"`` (β) or ``"skew_forward_kl"`` KL(p_T‖λp_T + (1−λ)p_S) (λ = skew).
-    temperature: T > 0 for the divergence (both sides).
+    temperature: T > 0 for the divergence (both sides). Scalars only: ``temperature``, ``beta``,
+      ``skew``, ``kd_weight`` and ``ce_weight`` are one value for all tokens (a per-token array
+      is rejected with a ValueError naming it).
     beta: β ∈ [0, 1] of the generalized JSD (arXiv:2306.13649 [paper]).
     skew: λ ∈ [0, 1] of the skew forward KL (arXiv:2402.03898 [paper]).
     kd_weight: weight of the divergence term.
@@ -575,6 +577,13 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
   _checks.check_positive("temperature", temperature)
   _checks.check_unit_interval("beta", beta)
   _checks.check_unit_interval("skew", skew)
+  # Per-token hyper-parameters are not supported by the fused heads: scalars only (N24).
+  for name, val in (("temperature", temperature), ("beta", beta), ("skew", skew),
+                    ("kd_weight", kd_weight), ("ce_weight", ce_weight)):
+    _checks.check_real(name, val)
+    if jnp.ndim(val) != 0:
+      raise ValueError(f"`{name}` must be a scalar for the fused losses (one value for all "
+                       f"tokens), got shape {jnp.shape(val)}.")
 
   x_s = _check_float("student_hidden", student_hidden, 0)
   w_s = _check_float("student_weight", student_weight, 2)
@@ -582,6 +591,9 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
     raise ValueError(f"`student_hidden` must have shape [..., H], got {x_s.shape}.")
   batch_shape, h = x_s.shape[:-1], x_s.shape[-1]
   v = w_s.shape[0]
+  if v == 0:
+    raise ValueError(f"`student_weight` must have a non-empty vocabulary (shape [V, H] with "
+                     f"V >= 1), got {w_s.shape}.")
   if w_s.shape[1] != h:
     raise ValueError(f"`student_weight` must have shape [V, {h}] (H of `student_hidden`), "
                      f"got {w_s.shape}.")
