@@ -355,3 +355,12 @@ def test_array_hyperparameter_and_empty_vocabulary_errors():
     fl.fused_linear_distillation(x_s, w_s, x_t, w_t, temperature="2")
   with pytest.raises(ValueError, match="student_weight"):
     fl.fused_linear_distillation(x_s, w_s[:0], x_t, w_t[:0])
+
+
+def test_layout_error_says_transpose():
+  """A10 (partial): an nnx.Linear-layout [H, V] kernel gets an error that says to transpose it."""
+  x_s, w_s, x_t, w_t, _, _ = _inputs(n=4, v=11)
+  with pytest.raises(ValueError, match="transpose an nnx.Linear kernel"):
+    fl.fused_linear_distillation(x_s, w_s.T, x_t, w_t)
+  with pytest.raises(ValueError, match="transpose an nnx.Linear kernel"):
+    fl.fused_linear_distillation(x_s, w_s, x_t, w_t.T)

@@ -596,7 +596,8 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
                      f"V >= 1), got {w_s.shape}.")
   if w_s.shape[1] != h:
     raise ValueError(f"`student_weight` must have shape [V, {h}] (H of `student_hidden`), "
-                     f"got {w_s.shape}.")
+                     f"got {w_s.shape}; transpose an nnx.Linear kernel (shape [H, V]), "
+                     f"e.g. `kernel.T`.")
   n = int(np.prod(batch_shape))
   x_s = x_s.reshape(n, h)
 
@@ -618,7 +619,8 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
                        f"got {x_t.shape}.")
     if w_t.shape != (v, x_t.shape[-1]):
       raise ValueError(f"`teacher_weight` must have shape {(v, x_t.shape[-1])} "
-                       f"([V, H_T], the student's vocabulary), got {w_t.shape}.")
+                       f"([V, H_T], the student's vocabulary), got {w_t.shape}; transpose an "
+                       f"nnx.Linear kernel (shape [H_T, V]), e.g. `kernel.T`.")
     teacher = (x_t.reshape(n, x_t.shape[-1]), w_t)
 
   mask = jnp.ones((n,), bool)
