@@ -35,6 +35,33 @@ def _scalar(v: Any) -> float:
   return float(jax.device_get(v))
 
 
+class _EventFile:
+  """A TensorBoard event file written synchronously (``flush`` means on disk).
+
+  tensorboardX's ``SummaryWriter`` queues events for a background thread and its ``flush`` does
+  not wait for the queue, so a SIGKILL loses the rows still queued; its ``EventsWriter`` (the
+  record writer underneath, local or gs://) is used directly instead.
+  """
+
+  def __init__(self, logdir: pathlib.Path):
+    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=import-outside-toplevel
+    logdir.mkdir(parents=True, exist_ok=True)
+    self._w = EventsWriter(str(logdir / "events"))
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
+    self._w.write_event(event_pb2.Event(
+        wall_time=time.time(), step=int(step),
+        summary=summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+            tag=tag, simple_value=float(value))])))
+
+  def flush(self) -> None:
+    self._w.flush()
+
+  def close(self) -> None:
+    self._w.close()
+
+
 class MetricWriter:
   """Writes metric rows ``{"phase", "step", "time", <name>: value}`` to jsonl and TensorBoard.
 
@@ -61,8 +88,7 @@ class MetricWriter:
 
   def _tb_writer(self, phase: str):
     if phase not in self._tb:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb[phase] = SummaryWriter(str(self.workdir / "tb" / phase))
+      self._tb[phase] = _EventFile(self.workdir / "tb" / phase)
     return self._tb[phase]
 
   def _tb_add(self, row: Mapping[str, Any]) -> None:
