@@ -159,3 +159,45 @@ def check_common(config) -> None:
       fail("teacher_workdir", config.teacher_workdir,
            "a finished workdir of this experiment (relative paths resolve against the current "
            "directory), or '' to train the teacher")
+
+
+def check_numbers(config, key: str, *, low=None, high=None, integer=False,
+                  nonempty: bool = True) -> tuple:
+  """A tuple of numbers, each in ``[low, high]`` (e.g. ``--config.alphas='(0.0, 0.5)'``)."""
+  import math  # pylint: disable=import-outside-toplevel
+  import numbers  # pylint: disable=import-outside-toplevel
+  v = get(config, key)
+  kind = numbers.Integral if integer else numbers.Real
+  rng = " and ".join(x for x in ("" if low is None else f">= {low}",
+                                 "" if high is None else f"<= {high}") if x)
+  what = "integers" if integer else "finite numbers"
+  allowed = f"a {'non-empty ' if nonempty else ''}tuple of {what}" + (f" {rng}" if rng else "")
+  if not isinstance(v, (tuple, list)) or (nonempty and not v):
+    fail(key, v, allowed)
+  for x in v:
+    if isinstance(x, bool) or not isinstance(x, kind) or not math.isfinite(x) or (
+        low is not None and x < low) or (high is not None and x > high):
+      fail(key, v, allowed)
+  return tuple(v)
+
+
+def check_clip(config, key: str = "clip") -> tuple[float, float] | None:
+  """``""`` (no clipping) or ``"lo,hi"`` with lo < hi (a clipping range for alpha)."""
+  import math  # pylint: disable=import-outside-toplevel
+  v = get(config, key)
+  allowed = "'' (no clipping) or 'lo,hi' with finite lo < hi, e.g. '0,1'"
+  if not isinstance(v, str):
+    fail(key, v, allowed)
+  if not v:
+    return None
+  try:
+    lo, hi = (float(x) for x in v.split(","))
+  except ValueError:
+    fail(key, v, allowed)
+  if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+    fail(key, v, allowed)
+  return lo, hi
+
+
+def check_bool(config, key: str) -> bool:
+  return check_choice(config, key, (True, False))

@@ -36,6 +36,7 @@ from typing import Iterator
 import numpy as np
 
 __all__ = [
+    "student_subset", "validation_split",
     "default_data_dir", "DatasetNotPreparedError", "prepare", "load_arrays", "load_supervised",
     "Split", "Supervised", "BatchSampler", "BUNDLED",
 ]
@@ -336,3 +337,36 @@ class BatchSampler:
     """Yields ``(step, indices)`` for steps ``start_step .. num_steps - 1``."""
     for step in range(int(start_step), int(num_steps)):
       yield step, self.indices(step)
+
+
+def student_subset(y: np.ndarray, size: int, seed: int) -> np.ndarray:
+  """Indices of a class-stratified subset of ``size`` training examples (all if 0 or too big)."""
+  n = len(y)
+  if size <= 0 or size >= n:
+    return np.arange(n)
+  rng = np.random.default_rng([seed, 12345])
+  classes = np.unique(y)
+  per = {c: rng.permutation(np.flatnonzero(y == c)) for c in classes}
+  quota = np.array([size * len(per[c]) / n for c in classes])
+  take_arr = np.floor(quota).astype(int)
+  # Largest remainders get the leftover examples, so the subset has exactly `size` examples.
+  take_arr[np.argsort(-(quota - take_arr), kind="stable")[:size - take_arr.sum()]] += 1
+  take = dict(zip(classes, take_arr))
+  idx = np.concatenate([per[c][:take[c]] for c in classes])
+  return np.sort(idx)
+
+
+_VAL_SEED = 2**31 - 1  # the validation split's own seed (not the run's)
+
+
+def validation_split(y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(train_idx, val_idx)``: a class-stratified validation split of ``size`` examples.
+
+  The split is fixed (it does not depend on the run's seed), so every seed selects on the same
+  validation examples. ``size`` 0 gives no validation split.
+  """
+  if size <= 0:
+    return np.arange(len(y)), np.zeros((0,), np.int64)
+  val = student_subset(y, size, seed=_VAL_SEED)
+  train_idx = np.setdiff1d(np.arange(len(y)), val)
+  return train_idx, val

@@ -1,11 +1,10 @@
-"""Seed statistics and smoke-run labelling shared by the experiment tasks.
+"""Seed statistics shared by the experiment tasks (the smoke-run banner is
+:func:`experiments.metrics.smoke_banner`).
 
 * :func:`mean_ci` — mean and Student-t confidence half-width over seeds (one convention for every
   task: with fewer than 2 seeds the half-width is undefined and returned as NaN);
 * :func:`format_mean_ci` — ``"0.812 ± 0.013"``, or ``"0.812 (1 seed)"`` when the half-width is NaN,
-  so no table prints ``± nan``;
-* :func:`smoke_banner` — the first and last line of a smoke run's output (``SMOKE RUN ...``), so
-  that a smoke table is never mistaken for a result.
+  so no table prints ``± nan``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import math
 
 import numpy as np
 
-__all__ = ["mean_ci", "format_mean_ci", "smoke_banner"]
+__all__ = ["mean_ci", "format_mean_ci"]
 
 
 def mean_ci(x, axis: int = -1, *, confidence: float = 0.95):
@@ -44,11 +43,3 @@ def format_mean_ci(mean, half_width, fmt: str = ".3f") -> str:
     return f"{mean:{fmt}} (1 seed)"
   return f"{mean:{fmt}} ± {half_width:{fmt}}"
 
-
-def smoke_banner(task: str, *, end: bool = False) -> str:
-  """The first (``end=False``) or last line of a smoke run's printed output."""
-  if end:
-    return (f"SMOKE RUN ({task}) finished: the numbers above only show that the pipeline runs; "
-            f"run the config without ':smoke' for results.")
-  return (f"SMOKE RUN ({task}): tiny sizes and few steps for tests; the numbers are not "
-          f"results.")

@@ -60,6 +60,7 @@ from kdjax import losses as kd_losses
 from experiments import mesh as mesh_lib
 
 __all__ = [
+    "train_phase",
     "TrainState", "NonFiniteLossError", "LossFn", "StatefulLoss", "initial_aux", "make_schedule",
     "make_optimizer", "create_train_state", "DIVERGENCES", "ce_loss", "make_distill_loss",
     "make_train_step", "make_eval_fn", "evaluate", "predict_logits", "train_loop",
@@ -558,3 +559,58 @@ def train_loop(state: TrainState, step_fn, *, sampler, get_batch: Callable[[np.n
   bar.close()
   return state
 
+
+def train_phase(name: str, *, model_cfg, opt_cfg, loss_fn, num_steps: int, seed: int,
+                train_arrays: dict[str, np.ndarray], input_shape, num_classes: int, batch_size: int,
+                mesh, ckpt_dir, writer, config,
+                eval_arrays: dict[str, np.ndarray] | None = None, restore_only: bool = False):
+  """Trains (or resumes, or restores) one model; returns ``(graphdef, params)``.
+
+  The model is initialised from ``seed`` and the batches follow ``BatchSampler(seed)``, so two
+  phases with the same seed differ only in ``loss_fn``.
+  """
+  from experiments import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from experiments import data, models  # pylint: disable=import-outside-toplevel
+  model = models.build_model(model_cfg, input_shape=input_shape, num_classes=num_classes,
+                             seed=seed)
+  tx = make_optimizer(opt_cfg, num_steps)
+  graphdef, state = create_train_state(model, tx, aux=initial_aux(loss_fn))
+  shardings = mesh_lib.state_shardings(state, mesh, fsdp=bool(config.fsdp))
+  state = mesh_lib.place(state, shardings)
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir)
+  try:
+    if restore_only:
+      latest = ckpt.latest_step()
+      if latest is None or latest < num_steps:
+        raise ValueError(f"`teacher_workdir`: no finished {name} checkpoint (step {num_steps}) "
+                         f"under {str(ckpt_dir)!r}; latest is {latest}.")
+      state, _ = ckpt.restore(state, num_steps)
+      logging.info("[%s] restored step %d from %s", name, num_steps, ckpt_dir)
+      return graphdef, state.params
+    # The newest checkpoint that restores and verifies (a corrupt newer one is skipped, with a
+    # warning naming it); the metrics of a killed run are cut back to it (to 0 if there is none).
+    state, latest = ckpt.restore_latest(state)
+    if latest is not None:
+      logging.info("[%s] resuming from step %d (%s)", name, latest, ckpt_dir)
+    writer.truncate(name, latest or 0)
+    if latest is not None and latest >= num_steps:
+      return graphdef, state.params
+    step_fn = make_train_step(graphdef, tx, loss_fn, state_sharding=shardings)
+    sampler = data.BatchSampler(len(train_arrays["y"]), batch_size, seed)
+    if sampler.batch_size % mesh.size:
+      raise ValueError(f"`batch_size` {sampler.batch_size} must be a multiple of the "
+                       f"{mesh.size} devices.")
+    eval_fn = make_eval_fn(graphdef)
+    callback = None
+    if eval_arrays is not None:
+      callback = lambda st: evaluate(eval_fn, st.params, eval_arrays, mesh=mesh)
+    state = train_loop(
+        state, step_fn, sampler=sampler,
+        get_batch=lambda idx: {k: v[idx] for k, v in train_arrays.items()},
+        num_steps=num_steps, mesh=mesh, checkpointer=ckpt,
+        checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+        eval_every=config.eval_every, eval_callback=callback, writer=writer, phase=name,
+        progress=config.progress)
+    return graphdef, state.params
+  finally:
+    ckpt.close()

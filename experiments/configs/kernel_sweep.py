@@ -25,6 +25,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = "kernel_sweep"
   c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
+  c.smoke = bool(args.get("smoke", False))   # a seconds-long test run: its numbers are no result
   c.seed = int(args.get("seed", 0))
   c.sizes = (50, 200, 1000, 2000)
   c.kernels = ml_collections.ConfigDict({"rbf": 30.0, "laplace": 5.0})   # name -> gamma

@@ -27,6 +27,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = "loss_zoo"
   c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
+  c.smoke = bool(args.get("smoke", False))   # a seconds-long test run: its numbers are no result
   c.seed = 0                        # seeds are seed, seed+1, ..., seed+num_seeds-1
   c.num_seeds = int(args.get("seeds", 3))
   c.losses = str(args.get("losses", "all"))   # "all" or names joined by "+"

@@ -33,6 +33,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = "meta_distillation"
   c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
+  c.smoke = bool(args.get("smoke", False))   # a seconds-long test run: its numbers are no result
   c.seed = int(args.get("seed", 0))
   c.dataset = "digits"
   c.data_dir = ""                  # "" -> $KDJAX_DATA_DIR or ~/.cache/kdjax/tfds

@@ -54,6 +54,7 @@ def get_config(arg=None):
   c.refresh_every = 2 if smoke else 50      # p_hat refresh; also at the two-stage switch
   c.lr = 1e-3
   c.snr_problems = 64 if smoke else 512
-  # A teacher pickled by an earlier run (default: <workdir>/teacher_<spec>_<steps>_<seed>.pkl).
+  # The teacher's Orbax checkpoint directory, reused when it holds a finished teacher (default:
+  # <workdir>/checkpoints/teacher_<spec>_<steps>_<seed>).
   c.teacher_cache = ""
   return c

@@ -26,6 +26,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = "selfdistill_nn"
   c.resume = "strict"   # workdir holds another config: "strict" stops; "allow_changes" records it
+  c.smoke = bool(args.get("smoke", False))   # a seconds-long test run: its numbers are no result
   c.dataset = args.get("dataset", "digits")
   c.data_dir = ""                   # "" -> $KDJAX_DATA_DIR or ~/.cache/kdjax/tfds
   c.seeds = int(args.get("seeds", 5))

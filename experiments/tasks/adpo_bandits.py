@@ -26,8 +26,6 @@ steps, so the 12 × 7 × seeds grid runs on a CPU in minutes.
 from __future__ import annotations
 
 import functools
-import json
-import pathlib
 import time
 
 import jax
@@ -37,8 +35,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import checkpoint as ckpt_lib
+from experiments import config_args as C
+from experiments import metrics as metrics_lib
 from experiments import models
-from experiments.stats import format_mean_ci, mean_ci, smoke_banner
+from experiments.metrics import smoke_banner
+from experiments.stats import format_mean_ci, mean_ci
 from kdjax import policy as PO
 from kdjax import preference as P
 from kdjax import reductions
@@ -351,9 +353,29 @@ def plot_curves(res, path=None, scenario=0):
   return fig
 
 
+def validate(config) -> None:
+  """Checks the whole config in its first second (the launcher calls it before any work).
+
+  Raises:
+    experiments.config_args.ConfigError: one line naming the key, its value and what is allowed.
+  """
+  C.check_common(config)
+  for k in ("context_dim", "hidden", "depth", "test_contexts", "inner_steps", "eval_every"):
+    C.check_number(config, k, low=1, integer=True)
+  C.check_number(config, "num_items", low=2, integer=True)
+  C.check_number(config, "ref_steps", low=0, integer=True)
+  C.check_number(config, "lr", low=0, low_open=True)
+  C.check_number(config, "weight_decay", low=0)
+  for k in ("tau", "beta_r", "ppo_clip", "trpo_beta"):
+    C.check_number(config, k, low=0, low_open=True)
+  C.check_choice(config, "scale_scenario", [s["name"] for s in scenarios()])
+  C.check_numbers(config, "scale_hidden", low=1, integer=True, nonempty=False)
+  C.check_bool(config, "progress")
+
+
 def run(config, workdir):
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  validate(config)
+  workdir = ckpt_lib.ensure_writable_dir(workdir)
   smoke = bool(config.get("smoke", False))
   if smoke:
     print(smoke_banner("adpo_bandits"))
@@ -401,8 +423,8 @@ def run(config, workdir):
                        for h, s in scale.items()},
              "reference_winmass_mean": float(res["ref_winmass"].mean()),
              "method_seconds": res["seconds"]}
-  (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-  print(f"\nwrote {workdir / 'metrics.json'}, winmass.png, curves.png "
+  metrics_lib.write_results(workdir, metrics, config, smoke=smoke)
+  print(f"\nwrote {workdir / 'results.json'}, winmass.png, curves.png "
         f"({summary['seconds']:.0f} s)")
   if smoke:
     print(smoke_banner("adpo_bandits", end=True))

@@ -22,9 +22,7 @@ Methods (same data, same initialisation, same batches):
 from __future__ import annotations
 
 import functools
-import json
 import math
-import pathlib
 import time
 
 import jax
@@ -36,7 +34,11 @@ import scipy.linalg
 from flax import nnx
 
 from experiments import models
-from experiments.stats import format_mean_ci, mean_ci, smoke_banner
+from experiments import checkpoint as ckpt_lib
+from experiments import config_args as C
+from experiments import metrics as metrics_lib
+from experiments.metrics import smoke_banner
+from experiments.stats import format_mean_ci, mean_ci
 from kdjax import preference as P
 from kdjax import reductions
 
@@ -282,9 +284,28 @@ def table(res) -> tuple[str, list[dict]]:
   return "\n".join(lines), rows
 
 
+def validate(config) -> None:
+  """Checks the whole config in its first second (the launcher calls it before any work).
+
+  Raises:
+    experiments.config_args.ConfigError: one line naming the key, its value and what is allowed.
+  """
+  C.check_common(config)
+  for k in ("state_dim", "action_dim", "horizon", "episodes", "test_states", "eval_episodes",
+            "hidden"):
+    C.check_number(config, k, low=1, integer=True)
+  C.check_number(config, "num_candidates", low=2, integer=True)
+  for k in ("temperature", "lr"):
+    C.check_number(config, k, low=0, low_open=True)
+  for k in ("process_noise", "teacher_std", "student_init_std"):
+    C.check_number(config, k, low=0)
+  C.check_number(config, "ema_decay", low=0, high=1, high_open=True)
+  C.check_bool(config, "progress")
+
+
 def run(config, workdir):
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  validate(config)
+  workdir = ckpt_lib.ensure_writable_dir(workdir)
   smoke = bool(config.get("smoke", False))
   if smoke:
     print(smoke_banner("adpo_offline"))
@@ -293,15 +314,15 @@ def run(config, workdir):
   text, rows = table(res)
   if smoke:   # a 100-step student can still diverge: its table is not a result
     print(f"adpo_offline pipeline ran: methods {', '.join(METHODS)}, {config.seeds} seeds, "
-          f"{config.steps} steps; columns KL(teacher||student), NDCG, return in metrics.json")
+          f"{config.steps} steps; columns KL(teacher||student), NDCG, return in results.json")
   else:
     print(f"\nADPO offline distillation (linear-Gaussian control, {config.seeds} seeds, "
           f"{config.steps} steps, P={config.num_candidates}, T={config.temperature}): "
           f"mean ± 95% CI\n{text}")
   metrics = {"table": rows, "teacher_return": res["teacher_return"],
              "seconds": time.perf_counter() - t0, "smoke": smoke}
-  (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-  print(f"\nwrote {workdir / 'metrics.json'} ({metrics['seconds']:.0f} s)")
+  metrics_lib.write_results(workdir, metrics, config, smoke=smoke)
+  print(f"\nwrote {workdir / 'results.json'} ({metrics['seconds']:.0f} s)")
   if smoke:
     print(smoke_banner("adpo_offline", end=True))
   return metrics

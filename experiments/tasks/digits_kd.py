@@ -23,103 +23,14 @@ import pathlib
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 
 from experiments import checkpoint as ckpt_lib
 from experiments import config_args as C
-from experiments import data, metrics, models, train
+from experiments import data, metrics, train
 from experiments import mesh as mesh_lib
 
-__all__ = ["run", "validate", "train_phase", "student_subset", "validation_split",
-           "make_kd_loss"]
-
-
-def train_phase(name: str, *, model_cfg, opt_cfg, loss_fn, num_steps: int, seed: int,
-                train_arrays: dict[str, np.ndarray], input_shape, num_classes: int, batch_size: int,
-                mesh, ckpt_dir: pathlib.Path, writer, config,
-                eval_arrays: dict[str, np.ndarray] | None = None, restore_only: bool = False):
-  """Trains (or resumes, or restores) one model; returns ``(graphdef, params)``.
-
-  The model is initialised from ``seed`` and the batches follow ``BatchSampler(seed)``, so two
-  phases with the same seed differ only in ``loss_fn``.
-  """
-  model = models.build_model(model_cfg, input_shape=input_shape, num_classes=num_classes,
-                             seed=seed)
-  tx = train.make_optimizer(opt_cfg, num_steps)
-  graphdef, state = train.create_train_state(model, tx, aux=train.initial_aux(loss_fn))
-  shardings = mesh_lib.state_shardings(state, mesh, fsdp=bool(config.fsdp))
-  state = mesh_lib.place(state, shardings)
-  ckpt = ckpt_lib.Checkpointer(ckpt_dir)
-  try:
-    if restore_only:
-      latest = ckpt.latest_step()
-      if latest is None or latest < num_steps:
-        raise ValueError(f"`teacher_workdir`: no finished {name} checkpoint (step {num_steps}) "
-                         f"under {str(ckpt_dir)!r}; latest is {latest}.")
-      state, _ = ckpt.restore(state, num_steps)
-      logging.info("[%s] restored step %d from %s", name, num_steps, ckpt_dir)
-      return graphdef, state.params
-    # The newest checkpoint that restores and verifies (a corrupt newer one is skipped, with a
-    # warning naming it); the metrics of a killed run are cut back to it (to 0 if there is none).
-    state, latest = ckpt.restore_latest(state)
-    if latest is not None:
-      logging.info("[%s] resuming from step %d (%s)", name, latest, ckpt_dir)
-    writer.truncate(name, latest or 0)
-    if latest is not None and latest >= num_steps:
-      return graphdef, state.params
-    step_fn = train.make_train_step(graphdef, tx, loss_fn, state_sharding=shardings)
-    sampler = data.BatchSampler(len(train_arrays["y"]), batch_size, seed)
-    if sampler.batch_size % mesh.size:
-      raise ValueError(f"`batch_size` {sampler.batch_size} must be a multiple of the "
-                       f"{mesh.size} devices.")
-    eval_fn = train.make_eval_fn(graphdef)
-    callback = None
-    if eval_arrays is not None:
-      callback = lambda st: train.evaluate(eval_fn, st.params, eval_arrays, mesh=mesh)
-    state = train.train_loop(
-        state, step_fn, sampler=sampler,
-        get_batch=lambda idx: {k: v[idx] for k, v in train_arrays.items()},
-        num_steps=num_steps, mesh=mesh, checkpointer=ckpt,
-        checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-        eval_every=config.eval_every, eval_callback=callback, writer=writer, phase=name,
-        progress=config.progress)
-    return graphdef, state.params
-  finally:
-    ckpt.close()
-
-
-def student_subset(y: np.ndarray, size: int, seed: int) -> np.ndarray:
-  """Indices of a class-stratified subset of ``size`` training examples (all if 0 or too big)."""
-  n = len(y)
-  if size <= 0 or size >= n:
-    return np.arange(n)
-  rng = np.random.default_rng([seed, 12345])
-  classes = np.unique(y)
-  per = {c: rng.permutation(np.flatnonzero(y == c)) for c in classes}
-  quota = np.array([size * len(per[c]) / n for c in classes])
-  take_arr = np.floor(quota).astype(int)
-  # Largest remainders get the leftover examples, so the subset has exactly `size` examples.
-  take_arr[np.argsort(-(quota - take_arr), kind="stable")[:size - take_arr.sum()]] += 1
-  take = dict(zip(classes, take_arr))
-  idx = np.concatenate([per[c][:take[c]] for c in classes])
-  return np.sort(idx)
-
-
-_VAL_SEED = 2**31 - 1  # the validation split's own seed (not the run's)
-
-
-def validation_split(y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-  """``(train_idx, val_idx)``: a class-stratified validation split of ``size`` examples.
-
-  The split is fixed (it does not depend on the run's seed), so every seed selects on the same
-  validation examples. ``size`` 0 gives no validation split.
-  """
-  if size <= 0:
-    return np.arange(len(y)), np.zeros((0,), np.int64)
-  val = student_subset(y, size, seed=_VAL_SEED)
-  train_idx = np.setdiff1d(np.arange(len(y)), val)
-  return train_idx, val
+__all__ = ["run", "validate", "make_kd_loss"]
 
 
 def make_kd_loss(config):
@@ -169,7 +80,7 @@ def run(config, workdir) -> dict[str, Any]:
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   logging.info("digits_kd: mesh %s, workdir %s", dict(mesh.shape), workdir)
   ds = data.load_supervised(config.dataset, data_dir=config.data_dir or None)
-  tr_idx, va_idx = validation_split(ds.train.y, int(config.val_size))
+  tr_idx, va_idx = data.validation_split(ds.train.y, int(config.val_size))
   x_tr, y_tr = ds.train.x[tr_idx], ds.train.y[tr_idx]
   has_val = len(va_idx) > 0
   writer = metrics.MetricWriter(workdir, eval_split="val" if has_val else "eval")
@@ -181,7 +92,7 @@ def run(config, workdir) -> dict[str, Any]:
   full_train = {"x": x_tr, "y": y_tr}
 
   teacher_root = pathlib.Path(config.teacher_workdir or workdir)
-  g_t, p_t = train_phase(
+  g_t, p_t = train.train_phase(
       "teacher", model_cfg=config.teacher, loss_fn=train.ce_loss, num_steps=config.teacher_steps,
       seed=config.seed, train_arrays=full_train, eval_arrays=val,
       ckpt_dir=teacher_root / "checkpoints" / "teacher",
@@ -192,15 +103,15 @@ def run(config, workdir) -> dict[str, Any]:
   if has_val:
     val_t = dict(val, teacher_logits=train.predict_logits(g_t, p_t, val["x"], mesh=mesh))
 
-  sub = student_subset(y_tr, config.student_train_size, config.seed)
+  sub = data.student_subset(y_tr, config.student_train_size, config.seed)
   student_train = {"x": x_tr[sub], "y": y_tr[sub], "teacher_logits": t_train[sub]}
   test_t = dict(test, teacher_logits=t_test)
   student_seed = config.seed + 1
-  g_b, p_b = train_phase(
+  g_b, p_b = train.train_phase(
       "baseline", model_cfg=config.student, loss_fn=train.ce_loss,
       num_steps=config.student_steps, seed=student_seed, train_arrays=student_train,
       eval_arrays=val_t, ckpt_dir=workdir / "checkpoints" / "baseline", **common)
-  g_s, p_s = train_phase(
+  g_s, p_s = train.train_phase(
       "student", model_cfg=config.student, loss_fn=make_kd_loss(config),
       num_steps=config.student_steps, seed=student_seed, train_arrays=student_train,
       eval_arrays=val_t, ckpt_dir=workdir / "checkpoints" / "student", **common)

@@ -17,8 +17,6 @@ Outputs in ``workdir``: ``results.json``, ``test_mse_vs_step.png`` and the print
 
 from __future__ import annotations
 
-import json
-import pathlib
 import time
 
 import jax
@@ -26,10 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from experiments import checkpoint as ckpt_lib
+from experiments import config_args as C
+from experiments import metrics
 from kdjax import kernels
 from kdjax import selfdistill as sd
 
-__all__ = ["run", "f_star", "make_problem", "evaluate_setting"]
+__all__ = ["validate", "run", "f_star", "make_problem", "evaluate_setting"]
 
 
 def f_star(x):
@@ -141,10 +142,41 @@ def _plot(path, results, config):
   plt.close(fig)
 
 
+_KERNELS = ("rbf", "laplace")
+
+
+def validate(config) -> None:
+  """Checks the whole config in its first second (the launcher calls it before any work).
+
+  Raises:
+    experiments.config_args.ConfigError: one line naming the key, its value and what is allowed.
+  """
+  C.check_common(config)
+  C.check_numbers(config, "sizes", low=4, integer=True)
+  kern = C.get(config, "kernels")
+  if not hasattr(kern, "items") or not len(kern):
+    C.fail("kernels", kern, f"a non-empty mapping of kernel name ({', '.join(_KERNELS)}) to gamma")
+  for name in kern:
+    if name not in _KERNELS:
+      C.fail(f"kernels.{name}", kern[name], f"a kernel named one of {', '.join(_KERNELS)}")
+    C.check_number(config, f"kernels.{name}", low=0, low_open=True)
+  C.check_numbers(config, "noises", low=0)
+  C.check_number(config, "lam_per_n", low=0, low_open=True)
+  C.check_number(config, "val_fraction", low=0, high=1, low_open=True, high_open=True)
+  C.check_number(config, "n_test", low=1, integer=True)
+  C.check_numbers(config, "alphas")
+  C.check_number(config, "plot_size", low=1, integer=True)
+  C.check_clip(config, "clip")
+  C.check_bool(config, "progress")
+
+
 def run(config, workdir) -> dict:
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  clip = tuple(float(v) for v in config.clip.split(",")) if config.clip else None
+  validate(config)
+  smoke = bool(config.get("smoke", False))
+  if smoke and jax.process_index() == 0:
+    print(metrics.smoke_banner("kernel_sweep"), flush=True)
+  workdir = ckpt_lib.ensure_writable_dir(workdir)
+  clip = C.check_clip(config, "clip")
   settings = [(kn, g, s, n) for kn, g in config.kernels.items() for s in config.noises
               for n in config.sizes]
   results = []
@@ -169,5 +201,8 @@ def run(config, workdir) -> dict:
           f"{r['grid'][-1]:8.5f} | {r['oracle_alpha'][0]:7.3f} {r['val_alpha'][0]:8.3f} "
           f"{r['grid_alpha'][0]:9.3f} | {r['oracle_alpha'][-1]:7.3f} {r['val_alpha'][-1]:8.3f}")
   _plot(workdir / "test_mse_vs_step.png", results, config)
-  (workdir / "results.json").write_text(json.dumps(results))
-  return {"settings": results}
+  out = {"settings": results}
+  metrics.write_results(workdir, out, config, smoke=smoke)
+  if smoke and jax.process_index() == 0:
+    print(metrics.smoke_banner("kernel_sweep", end=True), flush=True)
+  return out

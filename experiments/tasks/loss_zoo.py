@@ -1,7 +1,7 @@
 r"""Loss-zoo benchmark: the digits_kd phases run once per (seed, loss); one table of test accuracy
 and teacher agreement (mean ± std over seeds) per loss, with the labels-only baseline.
 
-Reuses :func:`experiments.tasks.digits_kd.train_phase` and ``student_subset`` (no second training
+Reuses :func:`experiments.train.train_phase` and :func:`experiments.data.student_subset` (no second training
 loop). Each loss is a ``loss(student_logits, batch) -> per-example values`` built from
 :mod:`kdjax.losses` / :mod:`kdjax.policy` by :func:`make_zoo_loss`; TAID is an
 :class:`experiments.train.StatefulLoss` that runs its adaptive schedule (``taid_init`` /
@@ -12,8 +12,6 @@ continues the schedule exactly.
 
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import Any, Callable
 
 import jax
@@ -22,13 +20,13 @@ import numpy as np
 from absl import logging
 
 from experiments import checkpoint as ckpt_lib
+from experiments import config_args as C
 from experiments import data, metrics, train
 from experiments import mesh as mesh_lib
-from experiments.tasks import digits_kd
 from kdjax import losses as L
 from kdjax import policy, reductions
 
-__all__ = ["LOSSES", "make_zoo_loss", "run"]
+__all__ = ["LOSSES", "make_zoo_loss", "validate", "run"]
 
 LOSSES = ("hinton", "logit_standardized", "taid", "akl", "pld", "random_sampling", "topk_tail",
           "multi_teacher", "reverse_kl")
@@ -118,12 +116,41 @@ def _extra_columns(name, config, arrays, t_logits, seed):
   return {}
 
 
+def _loss_names(config) -> tuple[str, ...]:
+  v = C.get(config, "losses")
+  names = LOSSES if v == "all" else tuple(n.strip() for n in str(v).split("+"))
+  if not names or any(n not in LOSSES for n in names):
+    C.fail("losses", v, f"'all' or names from {', '.join(LOSSES)} joined by '+'")
+  return names
+
+
+def validate(config) -> None:
+  """Checks the whole config and builds every loss, without data (the launcher calls it first).
+
+  Raises:
+    experiments.config_args.ConfigError: one line naming the key, its value and what is allowed.
+  """
+  C.check_common(config)
+  C.check_model(config, "teacher")
+  C.check_model(config, "student")
+  C.check_optimizer(config, "optimizer", total_steps=config.student_steps)
+  C.check_number(config, "temperature", low=0, low_open=True)
+  C.check_number(config, "ce_weight", low=0, high=1)
+  C.check_number(config, "num_teachers", low=1, integer=True)
+  C.check_number(config, "topk", low=1, high=9, integer=True)   # 10 classes: k < 10 leaves a tail
+  C.check_number(config, "num_samples", low=1, integer=True)
+  C.check_number(config, "taid_t_start", low=0, high=1)
+  for name in _loss_names(config):
+    C.build(f"losses ({name})", lambda n=name: make_zoo_loss(n, config))
+
+
 def run(config, workdir) -> dict[str, Any]:
+  validate(config)
+  smoke = bool(config.get("smoke", False))
+  if smoke and jax.process_index() == 0:
+    print(metrics.smoke_banner("loss_zoo"), flush=True)
   workdir = ckpt_lib.ensure_writable_dir(workdir)
-  names = LOSSES if config.losses == "all" else tuple(config.losses.split("+"))
-  bad = [n for n in names if n not in LOSSES]
-  if bad:
-    raise ValueError(f"`losses`: unknown {bad}; expected names from {LOSSES} joined by '+'.")
+  names = _loss_names(config)
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   ds = data.load_supervised(config.dataset, data_dir=config.data_dir or None)
   writer = metrics.MetricWriter(workdir)
@@ -138,7 +165,7 @@ def run(config, workdir) -> dict[str, Any]:
     n_teachers = int(config.num_teachers) if "multi_teacher" in names else 1
     teachers = []
     for i in range(n_teachers):
-      g, p = digits_kd.train_phase(
+      g, p = train.train_phase(
           f"seed{s}/teacher{i}", model_cfg=config.teacher, loss_fn=train.ce_loss,
           num_steps=config.teacher_steps, seed=1000 * i + s, train_arrays=full_train,
           ckpt_dir=root / f"teacher{i}", **common)
@@ -146,7 +173,7 @@ def run(config, workdir) -> dict[str, Any]:
                        train.predict_logits(g, p, ds.test.x, mesh=mesh),
                        train.evaluate(train.make_eval_fn(g), p, test, mesh=mesh)["accuracy"]))
     t_train, t_test, t_acc = teachers[0]
-    sub = digits_kd.student_subset(ds.train.y, config.student_train_size, s)
+    sub = data.student_subset(ds.train.y, config.student_train_size, s)
     base = {"x": ds.train.x[sub], "y": ds.train.y[sub], "teacher_logits": t_train[sub]}
     if n_teachers > 1:
       base["teachers_logits"] = np.stack([t[0][sub] for t in teachers], axis=1)
@@ -159,7 +186,7 @@ def run(config, workdir) -> dict[str, Any]:
       else:
         arrays.update(_extra_columns(name, config, base, base["teacher_logits"], s))
         loss_fn = make_zoo_loss(name, config)
-      g, p = digits_kd.train_phase(
+      g, p = train.train_phase(
           f"seed{s}/{name}", model_cfg=config.student, loss_fn=loss_fn,
           num_steps=config.student_steps, seed=s + 1, train_arrays=arrays,
           ckpt_dir=root / name, **common)
@@ -184,8 +211,10 @@ def run(config, workdir) -> dict[str, Any]:
              "table": table_rows}
   table = metrics.format_table(table_rows, ["loss", "test_acc", "agreement", "gain_vs_baseline"])
   if jax.process_index() == 0:
-    (pathlib.Path(workdir) / "results.json").write_text(json.dumps(results, indent=2))
+    metrics.write_results(workdir, results, config, smoke=smoke)
     print(f"\nloss_zoo on {config.dataset} ({config.num_seeds} seeds, student trained on "
           f"{config.student_train_size} examples; mean ± std over seeds):\n{table}\n"
           f"workdir: {workdir}", flush=True)
+  if smoke and jax.process_index() == 0:
+    print(metrics.smoke_banner("loss_zoo", end=True), flush=True)
   return results

@@ -18,7 +18,6 @@ bound of Theorem 2 dashed) and the printed tables.
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 from typing import Any
@@ -29,13 +28,14 @@ import numpy as np
 from absl import logging
 
 from experiments import checkpoint as ckpt_lib
+from experiments import config_args as C
 from experiments import data, metrics, models, train
 from experiments import mesh as mesh_lib
-from experiments.tasks import digits_kd
 from kdjax import divergences
-from kdjax.operators import meta_teacher
+from kdjax.operators import META_KINDS, meta_teacher
 
-__all__ = ["run", "train_generation", "chain_metrics", "plot_generations", "format_tables"]
+__all__ = ["validate", "run", "train_generation", "chain_metrics", "plot_generations",
+           "format_tables"]
 
 
 @jax.jit
@@ -106,8 +106,33 @@ _STARTS = ("uniform", "teacher", "labels")
 def _starts(q0: str) -> list[str]:
   names = [n.strip() for n in str(q0).split(",") if n.strip()]
   if not names or any(n not in _STARTS for n in names):
-    raise ValueError(f"`q0` must be a comma-separated list of {_STARTS}, got {q0!r}.")
+    C.fail("q0", q0, f"a comma-separated list of {', '.join(_STARTS)}")
   return names
+
+
+def validate(config) -> None:
+  """Checks the whole config and builds the operator and optimizer, without data (the launcher
+  calls it before anything is prepared or trained).
+
+  Raises:
+    experiments.config_args.ConfigError: one line naming the key, its value and what is allowed.
+  """
+  C.check_common(config)
+  C.check_model(config, "teacher")
+  C.check_model(config, "student")
+  C.check_number(config, "generations", low=1, integer=True)
+  C.check_number(config, "generation_steps", low=1, integer=True)
+  C.check_optimizer(config, "optimizer", total_steps=config.generation_steps)
+  _starts(config.q0)
+  alphas = C.check_numbers(config, "alphas", low=0, high=1)   # anchor weights
+  C.check_choice(config, "kind", META_KINDS)
+  if config.kind == "power":
+    C.check_number(config, "beta")
+  lp = np.log(np.full((1, 3), 1 / 3, np.float32))  # a tiny instance: the operator's own checks
+  for a in alphas:
+    C.build("kind", lambda a=a: meta_teacher(
+        lp, lp, alpha=float(a), kind=config.kind,
+        power=float(config.beta) if config.kind == "power" else None))
 
 
 def format_tables(results: dict) -> str:
@@ -169,12 +194,11 @@ def plot_generations(results: dict, path) -> pathlib.Path:
 
 def run(config, workdir) -> dict[str, Any]:
   """Teacher, q0, then ``generations`` students per α; writes table, plot and results.json."""
-  _starts(config.q0)
+  validate(config)
+  smoke = bool(config.get("smoke", False))
+  if smoke and jax.process_index() == 0:
+    print(metrics.smoke_banner("meta_distillation"), flush=True)
   alphas = [float(a) for a in config.alphas]
-  if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
-    raise ValueError(f"`alphas` must be a non-empty list of values in [0, 1], got {alphas}.")
-  if int(config.generations) < 1:
-    raise ValueError(f"`generations` must be >= 1, got {config.generations}.")
   workdir = ckpt_lib.ensure_writable_dir(workdir)
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   ds = data.load_supervised(config.dataset, data_dir=config.data_dir or None)
@@ -182,14 +206,14 @@ def run(config, workdir) -> dict[str, Any]:
   logging.info("meta_distillation: mesh %s, workdir %s", dict(mesh.shape), workdir)
 
   teacher_root = pathlib.Path(config.teacher_workdir or workdir)
-  g_t, p_t = digits_kd.train_phase(
+  g_t, p_t = train.train_phase(
       "teacher", model_cfg=config.teacher, opt_cfg=config.optimizer, loss_fn=train.ce_loss,
       num_steps=config.teacher_steps, seed=config.seed,
       train_arrays={"x": ds.train.x, "y": ds.train.y}, input_shape=ds.input_shape,
       num_classes=ds.num_classes, batch_size=config.batch_size, mesh=mesh,
       ckpt_dir=teacher_root / "checkpoints" / "teacher", writer=writer, config=config,
       restore_only=bool(config.teacher_workdir))
-  sub = digits_kd.student_subset(ds.train.y, config.student_train_size, config.seed)
+  sub = data.student_subset(ds.train.y, config.student_train_size, config.seed)
   x_tr, y_tr = ds.train.x[sub], ds.train.y[sub]
   lp0_tr = np.asarray(_log_probs(train.predict_logits(g_t, p_t, x_tr, mesh=mesh)))
   lp0_te = np.asarray(_log_probs(train.predict_logits(g_t, p_t, ds.test.x, mesh=mesh)))
@@ -249,7 +273,7 @@ def run(config, workdir) -> dict[str, Any]:
       "teacher_test_acc": teacher_acc, "starts": starts}
   writer.close()
   if jax.process_index() == 0:
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    metrics.write_results(workdir, results, config, smoke=smoke)
     plot_generations(results, workdir / "meta_distillation.png")
     print(f"\nmeta_distillation ({config.dataset}, kind={config.kind}, student "
           f"{results['student_params']} params on {len(sub)} inputs, teacher test acc "
@@ -258,4 +282,6 @@ def run(config, workdir) -> dict[str, Any]:
          if not math.isfinite(m["kl_test"])]
   if bad:
     raise FloatingPointError("meta_distillation: non-finite KL(p0 || q_t); see results.json.")
+  if smoke and jax.process_index() == 0:
+    print(metrics.smoke_banner("meta_distillation", end=True), flush=True)
   return results

@@ -25,9 +25,7 @@ Pipeline (one teacher; per seed a student, a problem pool and all arms):
 
 from __future__ import annotations
 
-import json
 import pathlib
-import pickle
 import time
 import warnings
 
@@ -39,8 +37,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from experiments import decoding as dec
+from experiments import checkpoint as ckpt_lib
+from experiments import config_args as C
+from experiments import metrics as metrics_lib
 from experiments import models
-from experiments.stats import format_mean_ci, mean_ci, smoke_banner
+from experiments.metrics import smoke_banner
+from experiments.stats import format_mean_ci, mean_ci
 from kdjax import divergences as D
 from kdjax import pacing as P
 from kdjax.losses import adaptive_kl
@@ -381,26 +383,57 @@ def plot(results, cfg, path):
   return fig
 
 
+def validate(config) -> None:
+  """Checks the whole config in its first second (the launcher calls it before any work).
+
+  Raises:
+    experiments.config_args.ConfigError: one line naming the key, its value and what is allowed.
+  """
+  C.check_common(config)
+  for key in ("teacher", "student"):
+    for k in ("d_model", "num_heads", "num_layers", "mlp_dim"):
+      C.check_number(config, f"{key}.{k}", low=1, integer=True)
+    if C.get(config, f"{key}.d_model") % C.get(config, f"{key}.num_heads"):
+      C.fail(f"{key}.d_model", config[key].d_model,
+             f"a multiple of {key}.num_heads = {config[key].num_heads}")
+  for k in ("num_seeds", "batch", "teacher_steps", "student_pretrain_steps", "pool", "test", "k",
+            "steps", "refresh_every", "snr_problems"):
+    C.check_number(config, k, low=1, integer=True)
+  for k in ("teacher_lr", "pretrain_lr", "lr"):
+    C.check_number(config, k, low=0, low_open=True)
+  probs = C.check_numbers(config, "student_ndig_probs", low=0, high=1)
+  if len(probs) != NDIG or abs(sum(probs) - 1) > 1e-6:
+    C.fail("student_ndig_probs", probs, f"{NDIG} probabilities of 1..{NDIG}-digit problems "
+           f"summing to 1")
+  if not isinstance(C.get(config, "teacher_cache"), str):
+    C.fail("teacher_cache", config.teacher_cache, "'' or a checkpoint directory (a path)")
+
+
 def run(config, workdir):
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  validate(config)
+  workdir = ckpt_lib.ensure_writable_dir(workdir)
   smoke = bool(config.get("smoke", False))
   if smoke:
     print(smoke_banner("paced_reasoning"))
   start = time.time()
   tag = "_".join(str(config.teacher[k]) for k in sorted(config.teacher)) + \
       f"_{config.teacher_steps}_{config.seed}"
-  cache = pathlib.Path(config.get("teacher_cache", "") or workdir / f"teacher_{tag}.pkl")
-  if cache.exists():                       # reuse a teacher trained by an earlier run
-    t_gd, template = init_model(config.teacher, jax.random.PRNGKey(config.seed + 7))
-    with cache.open("rb") as f:
-      params = nnx.replace_by_pure_dict(template, jax.tree.map(jnp.asarray, pickle.load(f)))
-    teacher = (t_gd, params)
-    print(f"teacher loaded from {cache}")
-  else:
-    teacher = train_teacher(config)
-    with cache.open("wb") as f:
-      pickle.dump(nnx.to_pure_dict(jax.device_get(teacher[1])), f)
+  # The teacher is an Orbax checkpoint (digest-verified), reused by any run with the same spec.
+  cache = pathlib.Path(config.get("teacher_cache", "") or
+                       workdir / "checkpoints" / f"teacher_{tag}").expanduser().absolute()
+  t_gd, template = init_model(config.teacher, jax.random.PRNGKey(config.seed + 7))
+  ckpt = ckpt_lib.Checkpointer(cache, max_to_keep=1)
+  try:
+    restored, step = ckpt.restore_latest(nnx.to_pure_dict(template))
+    if step is not None:                   # reuse a teacher trained by an earlier run
+      teacher = (t_gd, nnx.replace_by_pure_dict(template, restored))
+      print(f"teacher restored from {cache} (step {step})")
+    else:
+      teacher = train_teacher(config)
+      ckpt.save(int(config.teacher_steps), nnx.to_pure_dict(teacher[1]),
+                meta={"spec": dict(config.teacher), "seed": int(config.seed)})
+  finally:
+    ckpt.close()
   results = [run_seed(config.seed + s, config, teacher)
              for s in range(config.num_seeds)]
   rows = summarize(results)
@@ -411,7 +444,7 @@ def run(config, workdir):
   seconds = time.time() - start
   if smoke:
     print(f"paced_reasoning pipeline ran: {config.num_seeds} seed(s), {config.steps} steps, arms "
-          f"{', '.join(ARMS)} ({seconds:.0f} s); table.txt and paced_reasoning.json written")
+          f"{', '.join(ARMS)} ({seconds:.0f} s); table.txt and results.json written")
   else:
     print(f"PACED reasoning: {config.num_seeds} seeds, {config.steps} steps/arm, K={config.k}, "
           f"pool {config.pool} ({seconds:.0f} s)")
@@ -419,7 +452,7 @@ def run(config, workdir):
     print("measured SNR per p̂ bin (0..1 step 1/K):", np.array2string(snr, precision=4))
   out = {"rows": rows, "snr_by_bin": snr.tolist(), "seeds": results, "seconds": seconds,
          "smoke": smoke}
-  (workdir / "paced_reasoning.json").write_text(json.dumps(out))
+  metrics_lib.write_results(workdir, out, config, smoke=smoke)
   header = smoke_banner("paced_reasoning") + "\n" if smoke else ""
   (workdir / "table.txt").write_text(header + table + "\n")
   plot(results, config, workdir / "paced_reasoning.png")

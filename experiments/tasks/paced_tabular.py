@@ -24,9 +24,7 @@ Seeds run in parallel (``jax.vmap``); everything is a handful of jitted calls.
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 import time
 import warnings
 
@@ -35,7 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.stats import format_mean_ci, mean_ci, smoke_banner
+from experiments import checkpoint as ckpt_lib
+from experiments import config_args as C
+from experiments import metrics as metrics_lib
+from experiments.metrics import smoke_banner
+from experiments.stats import format_mean_ci, mean_ci
 from kdjax import divergences as D
 from kdjax import pacing as P
 from kdjax.losses import adaptive_kl
@@ -257,9 +259,35 @@ def plot(out, rows, cfg, path=None):
   return fig
 
 
+def validate(config) -> None:
+  """Checks the whole config in its first second (the launcher calls it before any work).
+
+  Raises:
+    experiments.config_args.ConfigError: one line naming the key, its value and what is allowed.
+  """
+  C.check_common(config)
+  for k in ("num_contexts", "feature_dim", "pretrain_steps", "refresh_every", "k"):
+    C.check_number(config, k, low=1, integer=True)
+  C.check_number(config, "num_answers", low=2, integer=True)
+  C.check_number(config, "label_noise", low=0)
+  for k in ("pretrain_lr", "lr"):
+    C.check_number(config, k, low=0, low_open=True)
+  arms = C.get(config, "arms")
+  if not isinstance(arms, (tuple, list)) or not arms or any(a not in ARMS for a in arms):
+    C.fail("arms", arms, f"a non-empty tuple of arms from {', '.join(ARMS)}")
+  ab = C.get(config, "ablate_alpha_beta")
+  if not isinstance(ab, (tuple, list)) or any(
+      not isinstance(x, (tuple, list)) or len(x) != 2 or any(
+          isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in x)
+      for x in ab):
+    C.fail("ablate_alpha_beta", ab, "a tuple of (alpha, beta) pairs of positive numbers")
+  C.check_numbers(config, "ablate_k", low=1, integer=True, nonempty=False)
+  C.check_bool(config, "plot")
+
+
 def run(config, workdir):
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  validate(config)
+  workdir = ckpt_lib.ensure_writable_dir(workdir)
   smoke = bool(config.get("smoke", False))
   if smoke:
     print(smoke_banner("paced_tabular"))
@@ -281,7 +309,7 @@ def run(config, workdir):
             "pre_acc_a": float(np.mean(out["pre_acc_a"])),
             "pre_acc_b": float(np.mean(out["pre_acc_b"])),
             "seconds": time.time() - start, "smoke": smoke}
-  (workdir / "paced_tabular.json").write_text(json.dumps(result, indent=1))
+  metrics_lib.write_results(workdir, result, config, smoke=smoke)
   header = smoke_banner("paced_tabular") + "\n" if smoke else ""
   (workdir / "table.txt").write_text(header + table + "\n")
   if config.get("plot", True):

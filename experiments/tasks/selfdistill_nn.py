@@ -18,8 +18,6 @@ Outputs in ``workdir``: ``results.json``, ``alpha_nn.png`` and the printed table
 
 from __future__ import annotations
 
-import json
-import pathlib
 import time
 
 import jax
@@ -27,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from experiments import data, models, train
+from experiments import checkpoint as ckpt_lib
+from experiments import config_args as C
+from experiments import data, metrics, models, train
 from kdjax import selfdistill as sd
 
-__all__ = ["run", "Trainer", "val_mse"]
+__all__ = ["validate", "run", "Trainer", "val_mse"]
 
 
 def val_mse(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
@@ -144,10 +144,32 @@ def _plot(path, per_seed, config):
   plt.close(fig)
 
 
+def validate(config) -> None:
+  """Checks the whole config and builds the model and optimizer, without data (the launcher
+  calls it before anything is prepared or trained).
+
+  Raises:
+    experiments.config_args.ConfigError: one line naming the key, its value and what is allowed.
+  """
+  C.check_common(config)
+  C.check_number(config, "train_size", low=1, integer=True)
+  C.check_number(config, "val_size", low=1, integer=True)
+  C.check_number(config, "steps", low=2, integer=True)
+  C.check_number(config, "train_steps", low=1, integer=True)
+  C.check_numbers(config, "grid")
+  C.check_clip(config, "clip")
+  C.check_model(config, "model")
+  C.check_optimizer(config, "optimizer", total_steps=config.train_steps)
+  C.check_bool(config, "progress")
+
+
 def run(config, workdir) -> dict:
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  clip = tuple(float(v) for v in config.clip.split(",")) if config.clip else None
+  validate(config)
+  smoke = bool(config.get("smoke", False))
+  if smoke and jax.process_index() == 0:
+    print(metrics.smoke_banner("selfdistill_nn"), flush=True)
+  workdir = ckpt_lib.ensure_writable_dir(workdir)
+  clip = C.check_clip(config, "clip")
   ds = data.load_supervised(config.dataset, data_dir=config.data_dir or None)
   if config.train_size + config.val_size > len(ds.train):
     raise ValueError(f"`train_size` + `val_size` must be <= {len(ds.train)} training examples.")
@@ -181,5 +203,7 @@ def run(config, workdir) -> dict:
   _plot(workdir / "alpha_nn.png", per_seed, config)
   summary = {"per_seed": per_seed, "seeds_within_2pct": seeds_ok, "seconds_alg1": t_a,
              "seconds_grid": t_g}
-  (workdir / "results.json").write_text(json.dumps(summary, indent=1))
+  metrics.write_results(workdir, summary, config, smoke=smoke)
+  if smoke and jax.process_index() == 0:
+    print(metrics.smoke_banner("selfdistill_nn", end=True), flush=True)
   return summary
