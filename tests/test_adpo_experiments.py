@@ -29,7 +29,7 @@ def test_bandit_smoke_run(tmp_path, capsys):
     for m in adpo_bandits.METHODS:
       assert 0.0 < row[m] <= 1.0 and np.isfinite(row[m + "_ci95"])
   assert (tmp_path / "winmass.png").exists() and (tmp_path / "curves.png").exists()
-  assert json.loads((tmp_path / "metrics.json").read_text())["table"][0]["scenario"]
+  assert json.loads((tmp_path / "results.json").read_text())["table"][0]["scenario"]
   # spec §9 item 14 (shortened): ADPO listwise improves on the 30-step reference policy
   row = next(r for r in metrics["table"] if r["scenario"] == "gaussian_outliers/medium")
   assert row["adpo_listwise"] > row["reference"]

@@ -8,6 +8,8 @@ run and the 2-process run are compared with.
 
 import json
 import os
+import shutil
+import struct
 import pathlib
 import signal
 import socket
@@ -50,6 +52,28 @@ def _eval_rows(workdir):
   """metrics.jsonl without wall-clock fields: what must match between runs."""
   rows = metrics.read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
   return [{k: v for k, v in r.items() if k not in ("time", "train/steps_per_sec")} for r in rows]
+
+
+def _tb_rows(workdir):
+  """{(phase, step, tag)} of every scalar in the TensorBoard event files (read without TF)."""
+  from tensorboardX.proto import event_pb2
+  out = []
+  for f in sorted(pathlib.Path(workdir, "tb").glob("*/events.out.tfevents.*")):
+    data, i = f.read_bytes(), 0
+    while i + 12 <= len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      if i + 12 + n + 4 > len(data):
+        break  # a torn last record
+      ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      out += [(f.parent.name, ev.step, v.tag) for v in ev.summary.value]
+  return out
+
+
+def _jsonl_rows(workdir):
+  return [(r["phase"], r["step"], k) for r in metrics.read_metrics(pathlib.Path(workdir) /
+                                                                   "metrics.jsonl")
+          for k, v in r.items() if k not in ("phase", "step", "time") and v == v]
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +124,11 @@ def test_sigkill_and_resume_matches_uninterrupted_run(smoke_run, data_dir, tmp_p
     proc.wait(timeout=30)
   assert proc.returncode == -signal.SIGKILL
   assert not (workdir / "results.json").exists()
+  # TensorBoard is written synchronously with every metrics row: after the kill it holds every
+  # row up to the last checkpoint (the finished teacher, the baseline to step 100 at least).
+  killed_tb = set(_tb_rows(workdir))
+  kept = {r for r in _jsonl_rows(workdir) if r[0] == "teacher" or r[1] <= 100}
+  assert kept and kept <= killed_tb, sorted(kept - killed_tb)[:5]
   resumed = subprocess.run(_cmd(workdir), cwd=REPO, env=_env(data_dir), capture_output=True,
                            text=True, timeout=TIMEOUT)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -109,6 +138,8 @@ def test_sigkill_and_resume_matches_uninterrupted_run(smoke_run, data_dir, tmp_p
   got = json.loads((workdir / "results.json").read_text())
   assert got == ref  # same seed, same batches, same state: bit-identical final metrics
   assert _eval_rows(workdir) == _eval_rows(ref_dir)  # and the same learning curves
+  # ... in TensorBoard too: every step once, none lost to the kill, none duplicated by the resume.
+  assert sorted(_tb_rows(workdir)) == sorted(_tb_rows(ref_dir)) == sorted(_jsonl_rows(workdir))
 
 
 def _parse(*argv):
@@ -228,3 +259,69 @@ def test_two_process_run_agrees_with_single_process(smoke_run, data_dir, tmp_pat
   assert [c[:2] for c in ca] == [c[:2] for c in cb] and len(ca) > 10
   for (_, _, la), (_, _, lb) in zip(ca, cb):
     assert lb == pytest.approx(la, rel=1e-4)
+
+
+def _one_error_line(stderr):
+  lines = [ln for ln in stderr.splitlines() if ln.startswith("experiments.main: error:")]
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+  return lines[0]
+
+
+def test_finished_workdir_rerun_with_another_config_stops_naming_the_keys(smoke_run, data_dir):
+  ref_dir, _ = smoke_run
+  before = {f: (ref_dir / f).read_bytes() for f in ("results.json", "metrics.jsonl", "config.json")}
+  t0 = time.time()
+  proc = subprocess.run(_cmd(ref_dir, "smoke", "--config.loss.temperature=1.0",
+                             "--config.student_train_size=0"), cwd=REPO, env=_env(data_dir),
+                        capture_output=True, text=True, timeout=TIMEOUT)
+  seconds = time.time() - t0
+  assert proc.returncode == 2
+  line = _one_error_line(proc.stderr)
+  for needle in ("loss.temperature: 4.0 -> 1.0", "student_train_size: 100 -> 0", "--workdir",
+                 "--config.resume=allow_changes"):
+    assert needle in line, line
+  assert "[teacher]" not in proc.stderr and proc.stdout == ""   # nothing ran
+  assert {f: (ref_dir / f).read_bytes() for f in before} == before   # nothing was relabelled
+  print(f"config mismatch reported after {seconds:.1f} s (process start included)")
+
+
+def test_identical_config_resumes_a_finished_workdir(smoke_run, data_dir, tmp_path):
+  ref_dir, _ = smoke_run
+  workdir = tmp_path / "again"
+  shutil.copytree(ref_dir, workdir)
+  proc = subprocess.run(_cmd(workdir), cwd=REPO, env=_env(data_dir), capture_output=True,
+                        text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[student] resuming from step 300" in proc.stderr
+  assert json.loads((workdir / "results.json").read_text()) == json.loads(
+      (ref_dir / "results.json").read_text())
+  assert _eval_rows(workdir) == _eval_rows(ref_dir)          # no duplicated metrics rows
+  assert sorted(_tb_rows(workdir)) == sorted(_tb_rows(ref_dir))
+
+
+def test_second_run_on_a_locked_workdir_is_refused(smoke_run, data_dir, tmp_path):
+  ref_dir, _ = smoke_run
+  workdir = tmp_path / "locked"
+  shutil.copytree(ref_dir, workdir)
+  (workdir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                             "time": "now"}))   # a live run (this process)
+  rows = (workdir / "metrics.jsonl").read_bytes()
+  proc = subprocess.run(_cmd(workdir), cwd=REPO, env=_env(data_dir), capture_output=True,
+                        text=True, timeout=TIMEOUT)
+  assert proc.returncode == 2
+  line = _one_error_line(proc.stderr)
+  assert f"another run (pid {os.getpid()} on {socket.gethostname()}" in line, line
+  assert (workdir / "metrics.jsonl").read_bytes() == rows     # no rows appended or truncated
+
+
+def test_negative_temperature_fails_before_any_work(data_dir, tmp_path):
+  workdir = tmp_path / "neg"
+  t0 = time.time()
+  proc = subprocess.run(_cmd(workdir, "smoke", "--config.loss.temperature=-1"), cwd=REPO,
+                        env=_env(data_dir), capture_output=True, text=True, timeout=TIMEOUT)
+  seconds = time.time() - t0
+  assert proc.returncode == 2
+  line = _one_error_line(proc.stderr)
+  assert "config.loss.temperature=-1.0" in line and "> 0" in line, line
+  assert not workdir.exists()                 # validated before the workdir was even created
+  print(f"bad temperature reported after {seconds:.1f} s (process start included)")

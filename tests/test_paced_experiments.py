@@ -192,7 +192,7 @@ def test_tabular_smoke(tmp_path, capsys):
   for r in out["rows"]:
     assert 0 <= r["heldout_acc"] <= 1 and np.isfinite(r["forgetting"])
   assert (tmp_path / "paced_tabular.png").exists()
-  assert json.loads((tmp_path / "paced_tabular.json").read_text())["rows"]
+  assert json.loads((tmp_path / "results.json").read_text())["rows"]
 
 
 def test_reasoning_smoke(tmp_path, capsys):
@@ -208,7 +208,7 @@ def test_reasoning_smoke(tmp_path, capsys):
   assert np.isnan(out["rows"][0]["acc_ci95"]) and "(1 seed)" in out["table"]
   assert "nan" not in out["table"]
   assert (tmp_path / "paced_reasoning.png").exists()
-  saved = json.loads((tmp_path / "paced_reasoning.json").read_text())
+  saved = json.loads((tmp_path / "results.json").read_text())
   # K rollouts per problem: pass rates are multiples of 1/K.
   ph = np.asarray(saved["seeds"][0]["p_hat0"]) * cfg.k
   np.testing.assert_allclose(ph, np.round(ph), atol=1e-5)
