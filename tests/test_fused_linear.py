@@ -364,3 +364,26 @@ def test_layout_error_says_transpose():
     fl.fused_linear_distillation(x_s, w_s.T, x_t, w_t)
   with pytest.raises(ValueError, match="transpose an nnx.Linear kernel"):
     fl.fused_linear_distillation(x_s, w_s, x_t, w_t.T)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "streaming"])
+def test_scale_by_t2_is_the_mixtures_t2_factor_in_value_and_gradients(impl):
+  """scale_by_t2=True equals kd_weight·T² (the ce_kd_mixture convention), d/dT included."""
+  k = jax.random.split(jax.random.key(3), 5)
+  xs, xt = jax.random.normal(k[0], (2, 6, 8)), jax.random.normal(k[1], (2, 6, 5))
+  ws, wt = jax.random.normal(k[2], (19, 8)), jax.random.normal(k[3], (19, 5))
+  y = jax.random.randint(k[4], (2, 6), 0, 19)
+
+  def f(t, x, scaled):
+    kw = dict(scale_by_t2=True, kd_weight=0.7) if scaled else dict(kd_weight=0.7 * t ** 2)
+    return jax.jit(lambda t, x: fl.fused_linear_distillation(
+        x, ws, xt, wt, temperature=t, labels=y, ce_weight=0.3, chunk_size=5, tile_size=7,
+        implementation=impl if scaled else "reference", **kw).mean())(t, x)
+
+  (va, ga), (vb, gb) = [jax.value_and_grad(lambda t, x: f(t, x, s), argnums=(0, 1))(2.5, xs)
+                        for s in (True, False)]
+  np.testing.assert_allclose(va, vb, rtol=1e-5)
+  np.testing.assert_allclose(ga[0], gb[0], rtol=1e-4)
+  np.testing.assert_allclose(ga[1], gb[1], rtol=1e-4, atol=1e-6)
+  with pytest.raises(TypeError, match="scale_by_t2"):
+    fl.fused_linear_distillation(xs, ws, xt, wt, scale_by_t2=1)

@@ -526,13 +526,15 @@ def fused_linear_distillation_per_token(
     student_hidden: Array, student_weight: Array, teacher_hidden: Array | None = None,
     teacher_weight: Array | None = None, *, teacher_logits: Array | None = None,
     divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-    skew: float = 0.1, kd_weight: float = 1.0, labels: Array | None = None,
-    ce_weight: float = 1.0, ignore_index: int = -100, where: Array | None = None,
+    skew: float = 0.1, kd_weight: float = 1.0, scale_by_t2: bool = False,
+    labels: Array | None = None, ce_weight: float = 1.0, ignore_index: int = -100,
+    where: Array | None = None,
     implementation: str = "chunked", chunk_size: int = 512, tile_size: int = 4096) -> Array:
   r"""Per-token fused-head distillation loss, never materialising ``[N, V]`` (except "reference").
 
-  .. math:: \ell_n = w_{kd}\,D\big(\mathrm{softmax}(z_{T,n}/T), \mathrm{softmax}(z_{S,n}/T)\big)
-            + w_{ce}\,\big(\mathrm{lse}(z_{S,n}) - z_{S,n,y_n}\big),\quad z_S = x_S W_S^\top.
+  .. math:: \ell_n = w_{kd}\,c_T\,D\big(\mathrm{softmax}(z_{T,n}/T), \mathrm{softmax}(z_{S,n}/T)\big)
+            + w_{ce}\,\big(\mathrm{lse}(z_{S,n}) - z_{S,n,y_n}\big),\quad z_S = x_S W_S^\top,
+            \quad c_T = T^2 \text{ if scale\_by\_t2 else } 1.
 
   Args:
     student_hidden: ``x_S [..., H]`` final hidden states (leading dims are flattened to tokens).
@@ -548,6 +550,9 @@ def fused_linear_distillation_per_token(
     beta: β ∈ [0, 1] of the generalized JSD (arXiv:2306.13649 [paper]).
     skew: λ ∈ [0, 1] of the skew forward KL (arXiv:2402.03898 [paper]).
     kd_weight: weight of the divergence term.
+    scale_by_t2: also multiply the divergence term by T² (Hinton et al.'s gradient-scale
+      correction), as ``kdjax.losses.ce_kd_mixture(scale_by_t2=True)``: the one CE + KD mixture
+      ``ce_weight·CE + kd_weight·(T² if scale_by_t2 else 1)·D``. Default False (no hidden factor).
     labels: optional ``[...]`` integer targets; adds ``ce_weight`` × cross-entropy at T = 1.
     ce_weight: weight of the cross-entropy term (used only with ``labels``).
     ignore_index: label value that removes a token (both terms, and the normaliser).
@@ -565,8 +570,9 @@ def fused_linear_distillation_per_token(
 
 
 def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                        teacher_logits, divergence, temperature, beta, skew, kd_weight, labels,
-                        ce_weight, ignore_index, where, implementation, chunk_size, tile_size):
+                        teacher_logits, divergence, temperature, beta, skew, kd_weight,
+                        scale_by_t2, labels, ce_weight, ignore_index, where, implementation,
+                        chunk_size, tile_size):
   if divergence not in DIVERGENCES:
     raise ValueError(f"`divergence` must be one of {DIVERGENCES}, got {divergence!r}.")
   if implementation not in IMPLEMENTATIONS:
@@ -577,6 +583,8 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
   _checks.check_positive("temperature", temperature)
   _checks.check_unit_interval("beta", beta)
   _checks.check_unit_interval("skew", skew)
+  if not isinstance(scale_by_t2, (bool, np.bool_)):
+    raise TypeError(f"`scale_by_t2` must be a Python bool, got {scale_by_t2!r}.")
   # Per-token hyper-parameters are not supported by the fused heads: scalars only (N24).
   for name, val in (("temperature", temperature), ("beta", beta), ("skew", skew),
                     ("kd_weight", kd_weight), ("ce_weight", ce_weight)):
@@ -656,7 +664,9 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
   # jnp.where on β, never by a Python branch on a concrete value (jit(f)(x) == f(x)).
   coef = skew if divergence == "skew_forward_kl" else beta
   hp = jnp.stack([jnp.asarray(temperature, dt), jnp.asarray(coef, dt),
-                  jnp.asarray(kd_weight, dt), jnp.asarray(ce_weight, dt)])
+                  jnp.asarray(kd_weight, dt) * (jnp.asarray(temperature, dt) ** 2
+                                                if scale_by_t2 else 1),
+                  jnp.asarray(ce_weight, dt)])
 
   if n == 0:
     return jnp.zeros(batch_shape, dt), mask.reshape(batch_shape)
@@ -672,8 +682,9 @@ def fused_linear_distillation(
     student_hidden: Array, student_weight: Array, teacher_hidden: Array | None = None,
     teacher_weight: Array | None = None, *, teacher_logits: Array | None = None,
     divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-    skew: float = 0.1, kd_weight: float = 1.0, labels: Array | None = None,
-    ce_weight: float = 1.0, ignore_index: int = -100, where: Array | None = None,
+    skew: float = 0.1, kd_weight: float = 1.0, scale_by_t2: bool = False,
+    labels: Array | None = None, ce_weight: float = 1.0, ignore_index: int = -100,
+    where: Array | None = None,
     implementation: str = "chunked", chunk_size: int = 512,
     tile_size: int = 4096) -> reductions.SumAndCount:
   """(sum, count) of :func:`fused_linear_distillation_per_token` over the kept tokens.
