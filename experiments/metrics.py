@@ -124,6 +124,17 @@ class MetricWriter:
       if mine:
         self._tb[phase].flush()
 
+  def truncate_all(self) -> None:
+    """Drops every row and event file: for tasks that write their curves once, at the end (a
+    rerun replaces them instead of appending duplicates)."""
+    if not self.active:
+      return
+    self.close()
+    if self.path.exists():
+      self.path.unlink()
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(self.workdir / "tb", ignore_errors=True)
+
   def write(self, phase: str, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.active:
       return

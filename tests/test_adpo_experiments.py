@@ -29,7 +29,12 @@ def test_bandit_smoke_run(tmp_path, capsys):
     for m in adpo_bandits.METHODS:
       assert 0.0 < row[m] <= 1.0 and np.isfinite(row[m + "_ci95"])
   assert (tmp_path / "winmass.png").exists() and (tmp_path / "curves.png").exists()
-  assert json.loads((tmp_path / "results.json").read_text())["table"][0]["scenario"]
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["table"][0]["scenario"] and saved["smoke"] and saved["config"]["task"] == "adpo_bandits"
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {r["phase"] for r in rows} == set(adpo_bandits.METHODS)
+  assert {r["step"] for r in rows} == {cfg.eval_every * (j + 1) for j in range(cfg.steps // cfg.eval_every)}
+  assert {p.name for p in (tmp_path / "tb").iterdir()} == set(adpo_bandits.METHODS)
   # spec §9 item 14 (shortened): ADPO listwise improves on the 30-step reference policy
   row = next(r for r in metrics["table"] if r["scenario"] == "gaussian_outliers/medium")
   assert row["adpo_listwise"] > row["reference"]

@@ -193,6 +193,8 @@ def test_tabular_smoke(tmp_path, capsys):
     assert 0 <= r["heldout_acc"] <= 1 and np.isfinite(r["forgetting"])
   assert (tmp_path / "paced_tabular.png").exists()
   assert json.loads((tmp_path / "results.json").read_text())["rows"]
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {r["phase"] for r in rows} == set(cfg.arms) and len(rows) == len(cfg.arms) * cfg.steps
 
 
 def test_reasoning_smoke(tmp_path, capsys):
@@ -209,6 +211,12 @@ def test_reasoning_smoke(tmp_path, capsys):
   assert "nan" not in out["table"]
   assert (tmp_path / "paced_reasoning.png").exists()
   saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["smoke"] and saved["config"]["task"] == "paced_reasoning"
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {r["phase"] for r in rows} == set(paced_reasoning.ARMS) and min(r["step"] for r in rows) == 0
+  # The teacher is an Orbax checkpoint (no pickle), found again by a rerun.
+  assert list((tmp_path / "checkpoints").glob(f"teacher_*/{cfg.teacher_steps}"))
+  assert not list(tmp_path.glob("*.pkl"))
   # K rollouts per problem: pass rates are multiples of 1/K.
   ph = np.asarray(saved["seeds"][0]["p_hat0"]) * cfg.k
   np.testing.assert_allclose(ph, np.round(ph), atol=1e-5)

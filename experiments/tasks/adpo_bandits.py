@@ -416,6 +416,15 @@ def run(config, workdir):
     print(f"\nbest method counts: {best_counts}")
     print("best ADPO variant vs best DPO, % per scenario: "
           + " ".join(f"{g:+.1f}" for g in gain))
+  # metrics.jsonl + TensorBoard: one phase per method, WinMass (mean over seeds) per scenario.
+  writer = metrics_lib.MetricWriter(workdir)
+  writer.truncate_all()
+  for m, c in res["curves"].items():
+    for j in range(c.shape[-1]):
+      writer.write(m, (j + 1) * config.eval_every,
+                   {f"winmass/{s}": float(np.mean(c[i, :, j]))
+                    for i, s in enumerate(res["scenarios"])})
+  writer.close()
   plot(res, workdir / "winmass.png", scale=scale or None)
   plot_curves(res, workdir / "curves.png", scenario=0)
   metrics = {"table": rows, "summary": summary, "smoke": smoke,

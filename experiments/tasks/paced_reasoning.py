@@ -453,6 +453,17 @@ def run(config, workdir):
   out = {"rows": rows, "snr_by_bin": snr.tolist(), "seeds": results, "seconds": seconds,
          "smoke": smoke}
   metrics_lib.write_results(workdir, out, config, smoke=smoke)
+  # metrics.jsonl + TensorBoard: one phase per arm, held-out accuracy (mean over seeds) per step.
+  writer = metrics_lib.MetricWriter(workdir)
+  writer.truncate_all()
+  for a in ARMS:
+    per_step = {}
+    for r in results:
+      for step, acc in r["curves"][a]:
+        per_step.setdefault(int(step), []).append(acc)
+    for step in sorted(per_step):
+      writer.write(a, step, {"heldout/accuracy": float(np.mean(per_step[step]))})
+  writer.close()
   header = smoke_banner("paced_reasoning") + "\n" if smoke else ""
   (workdir / "table.txt").write_text(header + table + "\n")
   plot(results, config, workdir / "paced_reasoning.png")

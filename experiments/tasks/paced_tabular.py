@@ -310,6 +310,15 @@ def run(config, workdir):
             "pre_acc_b": float(np.mean(out["pre_acc_b"])),
             "seconds": time.time() - start, "smoke": smoke}
   metrics_lib.write_results(workdir, result, config, smoke=smoke)
+  # metrics.jsonl + TensorBoard: one phase per arm, held-out accuracy (mean over seeds) per step.
+  writer = metrics_lib.MetricWriter(workdir)
+  writer.truncate_all()
+  for arm in config.arms:
+    ca, cb = (np.asarray(out[arm][k]).mean(0) for k in ("curve_a", "curve_b"))
+    for j in range(ca.shape[0]):
+      writer.write(arm, j + 1, {"heldout/accuracy_a": float(ca[j]),
+                                "heldout/accuracy_b": float(cb[j])})
+  writer.close()
   header = smoke_banner("paced_tabular") + "\n" if smoke else ""
   (workdir / "table.txt").write_text(header + table + "\n")
   if config.get("plot", True):
