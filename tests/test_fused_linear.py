@@ -387,3 +387,17 @@ def test_scale_by_t2_is_the_mixtures_t2_factor_in_value_and_gradients(impl):
   np.testing.assert_allclose(ga[1], gb[1], rtol=1e-4, atol=1e-6)
   with pytest.raises(TypeError, match="scale_by_t2"):
     fl.fused_linear_distillation(xs, ws, xt, wt, scale_by_t2=1)
+
+
+def test_eager_calls_compile_once_per_shape_and_config():
+  """P4: eager calls reuse one compiled implementation instead of retracing scan closures."""
+  k = jax.random.split(jax.random.key(5), 4)
+  xs, xt = jax.random.normal(k[0], (9, 4)), jax.random.normal(k[1], (9, 3))
+  ws, wt = jax.random.normal(k[2], (11, 4)), jax.random.normal(k[3], (11, 3))
+  for impl in fl.IMPLEMENTATIONS:
+    jitted = fl._IMPLS[impl]  # pylint: disable=protected-access
+    jitted.clear_cache()
+    for t in (1.0, 2.0, 3.0):  # hyper-parameter values are data, not static
+      fl.fused_linear_distillation(xs, ws, xt, wt, temperature=t, implementation=impl,
+                                   chunk_size=4, tile_size=5)
+    assert jitted._cache_size() == 1, impl  # pylint: disable=protected-access

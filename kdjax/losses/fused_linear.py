@@ -673,9 +673,14 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
   cfg = _Cfg(divergence=divergence, chunk_size=min(chunk_size, n), tile_size=min(tile_size, v),
              has_labels=labels is not None, teacher_is_logits=teacher_logits is not None,
              dtype=jnp.dtype(dt).name)
-  fn = {"reference": _reference, "chunked": _chunked, "streaming": _streaming}[implementation]
-  values = fn(x_s, w_s, teacher, mask, lab, hp, cfg)
+  values = _IMPLS[implementation](x_s, w_s, teacher, mask, lab, hp, cfg)
   return values.reshape(batch_shape), mask.reshape(batch_shape)
+
+
+# Module-level jits keyed on the static config: an eager call compiles once per shape/config
+# instead of tracing fresh scan closures on every call (P4); under an outer jit they inline.
+_IMPLS = {name: jax.jit(fn, static_argnums=(6,)) for name, fn in
+          (("reference", _reference), ("chunked", _chunked), ("streaming", _streaming))}
 
 
 def fused_linear_distillation(
