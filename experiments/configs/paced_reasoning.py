@@ -57,4 +57,5 @@ def get_config(arg=None):
   # The teacher's Orbax checkpoint directory, reused when it holds a finished teacher (default:
   # <workdir>/checkpoints/teacher_<spec>_<steps>_<seed>).
   c.teacher_cache = ""
+  c.progress = True          # tqdm bars (the launcher turns them off on a non-TTY stderr)
   return c

@@ -405,6 +405,7 @@ def validate(config) -> None:
   if len(probs) != NDIG or abs(sum(probs) - 1) > 1e-6:
     C.fail("student_ndig_probs", probs, f"{NDIG} probabilities of 1..{NDIG}-digit problems "
            f"summing to 1")
+  C.check_bool(config, "progress")
   if not isinstance(C.get(config, "teacher_cache"), str):
     C.fail("teacher_cache", config.teacher_cache, "'' or a checkpoint directory (a path)")
 
