@@ -342,7 +342,7 @@ def generalized_jsd(student_logits: Array, teacher_logits: Array, *, beta: Any =
 
 def total_variation(student_logits: Array, teacher_logits: Array, *, temperature: Any = 1.0,
                     axis: int = -1, where: Array | None = None) -> Array:
-  r"""Total variation distance ½ Σ_k |p_T,k − p_S,k| ∈ [0, 1] (symmetric)."""
+  r"""Total variation distance ½ Σ_k ``|p_T,k − p_S,k|`` ∈ [0, 1] (symmetric)."""
   zs, zt, ax, bm, _ = _scaled_logits(student_logits, teacher_logits, temperature, axis, where)
   log_ps = _logspace.masked_log_softmax(zs, axis=ax)
   log_pt = _logspace.masked_log_softmax(zt, axis=ax)
@@ -418,7 +418,7 @@ def generalized_jsd_from_log(*, log_p: Array, log_q: Array, beta: Any = 0.5, axi
 
 def total_variation_from_probs(*, p: Array, q: Array, axis: int = -1,
                                where: Array | None = None) -> Array:
-  """½ Σ_k |p_k − q_k| on probability vectors (keyword-only; concrete inputs checked)."""
+  """½ Σ_k ``|p_k − q_k|`` on probability vectors (keyword-only; concrete inputs checked)."""
   (pp, qq), ax, keep = _prob_inputs(("p", "q"), (p, q), axis, where, log=False)
   d = jnp.abs(pp - qq)
   if keep is not None:

@@ -493,7 +493,7 @@ def gradient_snr_by_bin(grads: Array, p: Array, *, bins: Any = 10,
 
   Design choice (kdjax, [proposed]) — the empirical analogue of v3's bell curve: within a bin
   of n problems with gradients g_1..g_n (flattened), noise σ̂² = tr Ĉov(g) (unbiased) and signal
-  |ḡ|² − σ̂²/n (bias-corrected: E|ḡ|² = |E g|² + tr Cov/n); SNR = signal/σ̂². With
+  ``|ḡ|² − σ̂²/n`` (bias-corrected: ``E|ḡ|² = |E g|² + tr Cov/n``); SNR = signal/σ̂². With
   ``direction`` v, the signal is ((ḡ·v̂)² − Var(g·v̂)/n) instead (the useful direction is
   known, e.g. the full-data gradient). Matches μ²/σ² of :func:`snr_model` in expectation.
 

@@ -328,7 +328,7 @@ def anchored_scores(seq_logp: Array, seq_logp_ref: Array, *, temperature: Any = 
 
 def mean_abs_logratio(seq_logp: Array, seq_logp_ref: Array, *, where: Array | None = None
                       ) -> Array:
-  r"""mean_i |s_i − s_ref,i| per group: what the author's code logs as "anchor KL" (a proxy,
+  r"""mean_i ``|s_i − s_ref,i|`` per group: what the author's code logs as "anchor KL" (a proxy,
   not a KL) [paper, code]; named honestly here [proposed]. −inf candidates drop out."""
   s, sr = _prep("seq_logp", seq_logp, ("seq_logp_ref", seq_logp_ref))
   cand, batch = _masks(where, s.shape)

@@ -215,7 +215,7 @@ def aggregate(log_probs: Array, *, weights: Any = None, kind: str = "arithmetic"
     kind: ``"arithmetic"``, ``"geometric"`` or ``"power"``.
     power: β for ``kind="power"`` (any finite real; β ∈ {0, 1} are dispatched to the exact
       geometric/arithmetic pools; a traced β is accepted). The pool is continuous as β → 0:
-      for small |β (log p_i − ḡ)| (ḡ the geometric mean) a cumulant series
+      for small ``|β (log p_i − ḡ)|`` (ḡ the geometric mean) a cumulant series
       ḡ + β Var_w/2 + β² κ₃/6 replaces the log-sum-exp, which cancels in float32.
     teacher_axis: the axis of ``log_probs`` indexing teachers.
     axis: the class axis of ``log_probs``.

@@ -281,7 +281,7 @@ def _sl_logits(w: Array, feats: Array) -> Array:
 
 def project_softmax_linear(log_m: Array, features: Array, *, iters: int = 30,
                            w0: Array | None = None) -> tuple[Array, Array]:
-  r"""M-projection onto Q = {q(·|x_n) = softmax(φ(x_n) W)}: argmin_W mean_n KL(m_n ‖ q_n).
+  r"""M-projection onto Q = ``{q(·|x_n) = softmax(φ(x_n) W)}``: argmin_W mean_n KL(m_n ‖ q_n).
 
   A log-convex (exponential) family: the geometric analogue of (C) in spec §5 [proposed].
   Solved by damped Newton with backtracking on W ∈ R^{d×(K−1)} (last class logit fixed at 0).
@@ -353,7 +353,7 @@ def softmax_linear_family(features: Array, *, iters: int = 10,
                           init_iters: int = 50) -> Projection:
   """Projection onto the softmax-linear (log-linear) family on fixed features.
 
-  The trajectory is over the whole batch ``[N, K]`` (a conditional student q(·|x_n)); the state
+  The trajectory is over the whole batch ``[N, K]`` (a conditional student ``q(·|x_n)``); the state
   is the weight matrix, warm-started across generations. Design choice (kdjax) [proposed].
   """
   phi = jnp.asarray(features)
@@ -422,7 +422,7 @@ def fixed_point(f: Callable[[Array, Any], Array], x0: Array, params: Any, *,
   r"""x* = f(x*, params) by iteration to a tolerance, differentiated implicitly.
 
   Forward: x_{n+1} = f(x_n, params) in a ``jax.lax.while_loop`` until the residual
-  max |f(x) − x| ≤ ``tol`` or ``iters`` iterations. Backward: the implicit-function theorem,
+  max ``|f(x) − x|`` ≤ ``tol`` or ``iters`` iterations. Backward: the implicit-function theorem,
   u = g + (∂f/∂x)ᵀ u solved at x* by the same iteration (same ``tol`` and ``iters``), then
   (∂f/∂θ)ᵀ u for θ = ``params`` *and* every array ``f`` closes over (``jax.closure_convert``),
   as jaxopt's ``custom_fixed_point`` / optimistix (spec §9, Design choice (kdjax) [proposed]);
@@ -432,7 +432,7 @@ def fixed_point(f: Callable[[Array, Any], Array], x0: Array, params: Any, *,
   (or is NaN), the value is NaN (and so is the gradient), eagerly and under ``jit`` alike, so a
   training guard fires instead of a silently wrong answer. Use ``return_residual=True`` to see
   the residual and iteration count. The residual bounds the error only through the contraction
-  factor L: |x − x*| ≲ residual / (1 − L), so for slow contractions (L near 1, e.g. the
+  factor L: ``|x − x*|`` ≲ residual / (1 − L), so for slow contractions (L near 1, e.g. the
   anchored maps with a small α) choose ``tol`` accordingly, or work in float64.
 
   Args:
