@@ -201,3 +201,12 @@ def check_clip(config, key: str = "clip") -> tuple[float, float] | None:
 
 def check_bool(config, key: str) -> bool:
   return check_choice(config, key, (True, False))
+
+
+def check_teacher_student(config, *, total_steps: int) -> None:
+  """The keys of a teacher -> student experiment: :func:`check_common`, both model configs and
+  the optimizer (built for ``total_steps``)."""
+  check_common(config)
+  check_model(config, "teacher")
+  check_model(config, "student")
+  check_optimizer(config, "optimizer", total_steps=total_steps)

@@ -56,10 +56,7 @@ def validate(config) -> None:
   Raises:
     experiments.config_args.ConfigError: one line naming the key, its value and what is allowed.
   """
-  C.check_common(config)
-  C.check_model(config, "teacher")
-  C.check_model(config, "student")
-  C.check_optimizer(config, "optimizer", total_steps=config.student_steps)
+  C.check_teacher_student(config, total_steps=config.student_steps)
   C.check_choice(config, "loss.name", tuple(train.DIVERGENCES))
   C.check_number(config, "loss.temperature", low=0, low_open=True)
   C.check_number(config, "loss.ce_weight", low=0, high=1)

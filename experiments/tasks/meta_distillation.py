@@ -117,12 +117,9 @@ def validate(config) -> None:
   Raises:
     experiments.config_args.ConfigError: one line naming the key, its value and what is allowed.
   """
-  C.check_common(config)
-  C.check_model(config, "teacher")
-  C.check_model(config, "student")
   C.check_number(config, "generations", low=1, integer=True)
   C.check_number(config, "generation_steps", low=1, integer=True)
-  C.check_optimizer(config, "optimizer", total_steps=config.generation_steps)
+  C.check_teacher_student(config, total_steps=config.generation_steps)
   _starts(config.q0)
   alphas = C.check_numbers(config, "alphas", low=0, high=1)   # anchor weights
   C.check_choice(config, "kind", META_KINDS)
