@@ -401,3 +401,27 @@ def test_eager_calls_compile_once_per_shape_and_config():
       fl.fused_linear_distillation(xs, ws, xt, wt, temperature=t, implementation=impl,
                                    chunk_size=4, tile_size=5)
     assert jitted._cache_size() == 1, impl  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "streaming"])
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_token_sharded_inputs_stay_data_parallel(implementation, teacher):
+  """P2: under jit with token-sharded inputs the compiled value-and-grad gathers no hidden states
+  (or teacher logits): every device computes only its own tokens."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  n, h, v = 256, 16, 40
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=n, v=v)
+  tok = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x_s, x_t, labels, mask = (jax.device_put(a, tok) for a in (x_s, x_t, labels, mask))
+  w_s, w_t = jax.device_put(w_s, rep), jax.device_put(w_t, rep)
+  t_kw = (dict(teacher_hidden=x_t, teacher_weight=w_t) if teacher == "hidden" else
+          dict(teacher_logits=jax.device_put(x_t @ w_t.T, tok)))
+
+  def loss(x, w):
+    return fl.fused_linear_distillation(x, w, **t_kw, labels=labels, where=mask, chunk_size=8,
+                                        tile_size=16, implementation=implementation).mean()
+
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x_s, w_s).compile().as_text()
+  gathers = [ln for ln in hlo.splitlines() if "all-gather(" in ln and f"[{n}," in ln]
+  assert not gathers, gathers[:3]

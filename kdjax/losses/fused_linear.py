@@ -175,16 +175,6 @@ def _vjp_like(grads, primals):
   return tuple(one(g, p) for g, p in zip(grads, primals))
 
 
-def _teacher_rows(teacher: tuple, start, size: int, cfg: _Cfg) -> Array:
-  """Teacher logits of rows [start, start + size)."""
-  dt = jnp.dtype(cfg.dtype)
-  if cfg.teacher_is_logits:
-    (logits,) = teacher
-    return jax.lax.dynamic_slice_in_dim(logits, start, size, 0).astype(dt)
-  x_t, w_t = teacher
-  return _matmul(jax.lax.dynamic_slice_in_dim(x_t, start, size, 0), w_t, dt)
-
-
 def _teacher_cols(teacher: tuple, start, size: int, cfg: _Cfg) -> Array:
   """Teacher logits of all tokens for vocabulary columns [start, start + size)."""
   dt = jnp.dtype(cfg.dtype)
@@ -232,24 +222,48 @@ def _reference(x_s, w_s, teacher, mask, labels, hp, cfg):
 # ----------------------------------------------------------------------------- chunked
 
 
+def _to_steps(a: Array, k: int, c: int) -> Array:
+  """``[N, ...]`` -> ``[K, C, ...]`` (zero-padded to K·C rows): token ``s·K + j`` is row ``s`` of
+  step ``j``. A token-sharded array keeps its sharding on the C axis, so every scan step takes
+  its rows from every device locally: no all-gather of the hidden states under ``jit`` (P2)."""
+  pad = k * c - a.shape[0]
+  if pad:
+    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+  return jnp.swapaxes(a.reshape((c, k) + a.shape[1:]), 0, 1)
+
+
+def _from_steps(a: Array, n: int) -> Array:
+  """Inverse of :func:`_to_steps` (padding rows dropped)."""
+  return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])[:n]
+
+
+def _chunk_xs(x_s, teacher, mask, labels, cfg):
+  """The scanned inputs ``[K, C, ...]`` of the chunked implementation (padding rows masked)."""
+  n, c = x_s.shape[0], cfg.chunk_size
+  k = _num_windows(n, c)
+  t_rows = teacher[0]  # teacher logits [N, V] or teacher hidden states [N, H_T]
+  return k, tuple(_to_steps(a, k, c) for a in (x_s, t_rows, mask, labels))
+
+
+def _chunk_teacher(t_chunk, teacher, cfg):
+  dt = jnp.dtype(cfg.dtype)
+  if cfg.teacher_is_logits:
+    return t_chunk.astype(dt)
+  return _matmul(t_chunk, teacher[1], dt)
+
+
 def _chunked_forward(x_s, w_s, teacher, mask, labels, hp, cfg):
   dt = jnp.dtype(cfg.dtype)
   n = x_s.shape[0]
-  c = cfg.chunk_size
+  _, xs = _chunk_xs(x_s, teacher, mask, labels, cfg)
 
-  def body(out, i):
-    start, fresh = _window(n, c, i)
-    s = _matmul(jax.lax.dynamic_slice_in_dim(x_s, start, c, 0), w_s, dt)
-    t = _teacher_rows(teacher, start, c, cfg)
-    m = jax.lax.dynamic_slice_in_dim(mask, start, c, 0) & fresh
-    lab = jax.lax.dynamic_slice_in_dim(labels, start, c, 0)
-    v = _values_from_logits(s, t, lab, m, hp, cfg)
-    old = jax.lax.dynamic_slice_in_dim(out, start, c, 0)
-    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(fresh, v, old), start, 0), None
+  def body(carry, inp):
+    xc, tc, m, lab = inp
+    s = _matmul(xc, w_s, dt)
+    return carry, _values_from_logits(s, _chunk_teacher(tc, teacher, cfg), lab, m, hp, cfg)
 
-  init = _varying_like(jnp.zeros((n,), dt), x_s, w_s, teacher, mask, labels, hp)
-  out, _ = jax.lax.scan(body, init, jnp.arange(_num_windows(n, c)))
-  return out
+  _, out = jax.lax.scan(body, None, xs)
+  return _from_steps(out, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -266,17 +280,16 @@ def _chunked_bwd(cfg, res, g):
   dt = jnp.dtype(cfg.dtype)
   x_s, w_s, teacher, mask, labels, hp = res
   n, v = x_s.shape[0], w_s.shape[0]
-  c, vt = cfg.chunk_size, cfg.tile_size
+  vt = cfg.tile_size
+  k, xs = _chunk_xs(x_s, teacher, mask, labels, cfg)
+  g_steps = _to_steps(g, k, cfg.chunk_size)
 
-  def body(carry, i):
-    dw, dx, dhp = carry
-    start, fresh = _window(n, c, i)
-    xc = jax.lax.dynamic_slice_in_dim(x_s, start, c, 0)
+  def body(carry, inp):
+    dw, dhp = carry
+    xc, tc, m, lab, gc = inp
     s = _matmul(xc, w_s, dt)
-    t = _teacher_rows(teacher, start, c, cfg)
-    m = jax.lax.dynamic_slice_in_dim(mask, start, c, 0) & fresh
-    lab = jax.lax.dynamic_slice_in_dim(labels, start, c, 0)
-    gc = jnp.where(m, jax.lax.dynamic_slice_in_dim(g, start, c, 0), 0.0)
+    t = _chunk_teacher(tc, teacher, cfg)
+    gc = jnp.where(m, gc, 0.0)
     _, vjp = jax.vjp(lambda z, h: _values_from_logits(z, t, lab, m, h, cfg), s, hp)
     dz, dhc = vjp(gc.astype(dt))
     dhp = dhp + dhc
@@ -294,13 +307,12 @@ def _chunked_bwd(cfg, res, g):
       return jax.lax.dynamic_update_slice_in_dim(dw, old_t + upd, vstart, 0), None
 
     dw, _ = jax.lax.scan(dw_tile, dw, jnp.arange(_num_windows(v, vt)))
-    old = jax.lax.dynamic_slice_in_dim(dx, start, c, 0)
-    dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(fresh[:, None], dxc, old), start, 0)
-    return (dw, dx, dhp), None
+    return (dw, dhp), dxc
 
-  init = _varying_like((jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt), jnp.zeros_like(hp)),
+  init = _varying_like((jnp.zeros(w_s.shape, dt), jnp.zeros_like(hp)),
                        x_s, w_s, teacher, mask, labels, hp, g)
-  (dw, dx, dhp), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(n, c)))
+  (dw, dhp), dx = jax.lax.scan(body, init, xs + (g_steps,))
+  dx = _from_steps(dx, n)
   dx, dw, dhp = _vjp_like((dx.astype(x_s.dtype), dw.astype(w_s.dtype), dhp), (x_s, w_s, hp))
   return dx, dw, None, None, None, dhp
 
@@ -558,7 +570,8 @@ def fused_linear_distillation_per_token(
     ignore_index: label value that removes a token (both terms, and the normaliser).
     where: optional ``[...]`` boolean token mask.
     implementation: ``"reference"``, ``"chunked"`` or ``"streaming"``.
-    chunk_size: tokens per chunk (``"chunked"``); clipped to the token count.
+    chunk_size: tokens per scan step (``"chunked"``; clipped to the token count). Step j takes
+      the tokens s·K + j (K steps), so token-sharded inputs stay sharded: no all-gather.
     tile_size: vocabulary columns per tile (``"streaming"``; ``"chunked"`` accumulates the
       head-weight gradient in row tiles of this size); clipped to V.
 
