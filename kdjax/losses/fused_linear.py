@@ -59,10 +59,13 @@ Semantics shared by every implementation:
 * Gradients flow to ``temperature``, ``beta``/``skew``, ``kd_weight`` and ``ce_weight`` in every
   implementation and equal the reference's (the fast paths accumulate them in their custom
   VJPs; streaming by forward mode over the four hyper-parameters).
-* Token counts that are not a multiple of ``chunk_size`` and vocabularies that are not a
-  multiple of ``tile_size`` work: the last window is shifted back to end at the last row
-  (no padded copy of a ``[V, H]`` weight or ``[N, V]`` teacher tensor is made) and the rows it
-  repeats are masked. Design choice (kdjax) [proposed].
+* Vocabularies that are not a multiple of ``tile_size`` work: the last tile is shifted back to
+  end at the last row (no padded copy of a ``[V, H]`` weight or ``[N, V]`` teacher tensor) and
+  the rows it repeats are masked. ``"chunked"`` scans K steps of C ≤ ``chunk_size`` tokens,
+  step j taking tokens s·K + j, so token-sharded inputs stay sharded (no all-gather under
+  ``jax.jit``); C is a divisor of the token count in [chunk_size/2, chunk_size] when one exists,
+  else fewer than K padding rows are added (a padded copy of the per-token inputs). Design
+  choice (kdjax) [proposed].
 * Inside ``jax.shard_map`` (default ``check_vma=True``) both fast paths run: scan carries take
   the inputs' device-varying-ness and a replicated head weight's gradient is summed over the
   token axis, as autodiff would.
@@ -237,12 +240,21 @@ def _from_steps(a: Array, n: int) -> Array:
   return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])[:n]
 
 
+def _steps_layout(n: int, c: int) -> tuple[int, int]:
+  """``(K, C)`` with ``K·C >= n``, ``C <= c``: a divisor of ``n`` in ``[c/2, c]`` when there is
+  one (no padding), else ``K = ceil(n / c)`` steps of ``ceil(n / K)`` tokens (< K padding rows)."""
+  for cc in range(c, (c + 1) // 2 - 1, -1):
+    if n % cc == 0:
+      return n // cc, cc
+  k = _num_windows(n, c)
+  return k, _num_windows(n, k)
+
+
 def _chunk_xs(x_s, teacher, mask, labels, cfg):
   """The scanned inputs ``[K, C, ...]`` of the chunked implementation (padding rows masked)."""
-  n, c = x_s.shape[0], cfg.chunk_size
-  k = _num_windows(n, c)
+  k, c = _steps_layout(x_s.shape[0], cfg.chunk_size)
   t_rows = teacher[0]  # teacher logits [N, V] or teacher hidden states [N, H_T]
-  return k, tuple(_to_steps(a, k, c) for a in (x_s, t_rows, mask, labels))
+  return (k, c), tuple(_to_steps(a, k, c) for a in (x_s, t_rows, mask, labels))
 
 
 def _chunk_teacher(t_chunk, teacher, cfg):
@@ -281,8 +293,8 @@ def _chunked_bwd(cfg, res, g):
   x_s, w_s, teacher, mask, labels, hp = res
   n, v = x_s.shape[0], w_s.shape[0]
   vt = cfg.tile_size
-  k, xs = _chunk_xs(x_s, teacher, mask, labels, cfg)
-  g_steps = _to_steps(g, k, cfg.chunk_size)
+  (k, c), xs = _chunk_xs(x_s, teacher, mask, labels, cfg)
+  g_steps = _to_steps(g, k, c)
 
   def body(carry, inp):
     dw, dhp = carry
