@@ -425,3 +425,35 @@ def test_token_sharded_inputs_stay_data_parallel(implementation, teacher):
   hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x_s, w_s).compile().as_text()
   gathers = [ln for ln in hlo.splitlines() if "all-gather(" in ln and f"[{n}," in ln]
   assert not gathers, gathers[:3]
+
+
+@pytest.mark.parametrize("implementation", ["reference", "chunked", "streaming"])
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_output_biases_equal_explicit_logits(implementation, teacher):
+  """A10: student_bias / teacher_bias give x W^T + b logits, with d/db_S, in every implementation."""
+  from kdjax import divergences
+  from kdjax.losses import softmax_cross_entropy_with_integer_labels as ce
+  x_s, w_s, x_t, w_t, labels, mask = _inputs(n=13, v=17)
+  k = jax.random.split(jax.random.key(9), 2)
+  b_s, b_t = jax.random.normal(k[0], (17,)), 3.0 * jax.random.normal(k[1], (17,))
+  t_kw = (dict(teacher_hidden=x_t, teacher_weight=w_t) if teacher == "hidden" else
+          dict(teacher_logits=x_t @ w_t.T))
+
+  def fused(x, w, b):
+    return fl.fused_linear_distillation_per_token(
+        x, w, **t_kw, student_bias=b, teacher_bias=b_t, temperature=2.0, labels=labels,
+        ce_weight=0.4, kd_weight=0.6, where=mask, chunk_size=4, tile_size=5,
+        implementation=implementation).sum()
+
+  def explicit(x, w, b):
+    zs, zt = x @ w.T + b, x_t @ w_t.T + b_t
+    v = 0.6 * divergences.forward_kl(zs, zt, temperature=2.0) + 0.4 * ce(zs, labels)
+    return jnp.where(mask, v, 0.0).sum()
+
+  got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x_s, w_s, b_s)
+  want = jax.value_and_grad(explicit, argnums=(0, 1, 2))(x_s, w_s, b_s)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="student_bias"):
+    fl.fused_linear_distillation(x_s, w_s, **t_kw, student_bias=b_s[:5])

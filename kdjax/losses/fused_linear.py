@@ -75,7 +75,7 @@ Semantics shared by every implementation:
   :func:`kdjax.reductions.psum`.
 
 A ``-inf`` teacher logit removes that word in every implementation (streaming masks it in its
-online log-sum-exp); a NaN teacher logit propagates to the token's loss. Limitations: top-k sparse teacher targets and output biases are not supported.
+online log-sum-exp); a NaN teacher logit propagates to the token's loss. Output biases: ``student_bias`` / ``teacher_bias``. Limitation: top-k sparse teacher targets are not supported.
 
 Prior art [paper]: Liger-Kernel ``LigerFusedLinearJSDLoss`` (arXiv:2410.10989; token chunks,
 gradients in the forward pass), MaxText vocabulary tiling (token tiles + custom VJP), Levanter
@@ -549,6 +549,7 @@ def _check_float(name: str, x: Any, rank: int) -> Array:
 def fused_linear_distillation_per_token(
     student_hidden: Array, student_weight: Array, teacher_hidden: Array | None = None,
     teacher_weight: Array | None = None, *, teacher_logits: Array | None = None,
+    student_bias: Array | None = None, teacher_bias: Array | None = None,
     divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
     skew: float = 0.1, kd_weight: float = 1.0, scale_by_t2: bool = False,
     labels: Array | None = None, ce_weight: float = 1.0, ignore_index: int = -100,
@@ -566,6 +567,12 @@ def fused_linear_distillation_per_token(
     teacher_hidden: ``x_T [..., H_T]`` teacher hidden states (with ``teacher_weight``).
     teacher_weight: ``W_T [V, H_T]``.
     teacher_logits: ``[..., V]`` precomputed teacher logits, instead of the two above.
+    student_bias: optional ``[V]`` output bias of the student head (``nnx.Linear``'s ``bias``):
+      z_S = x_S W_S^T + b_S, with its gradient. It is appended to the head as one more hidden
+      column (a copy of ``x_S`` and ``W_S`` one column wider), so every implementation is
+      unchanged.
+    teacher_bias: optional ``[V]`` output bias of the teacher head (or added to
+      ``teacher_logits``); no gradient, like the rest of the teacher.
     divergence: one of ``"forward_kl"`` KL(p_T‖p_S), ``"reverse_kl"`` KL(p_S‖p_T),
       ``"generalized_jsd"`` (β) or ``"skew_forward_kl"`` KL(p_T‖λp_T + (1−λ)p_S) (λ = skew).
     temperature: T > 0 for the divergence (both sides). Scalars only: ``temperature``, ``beta``,
@@ -595,7 +602,7 @@ def fused_linear_distillation_per_token(
 
 
 def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                        teacher_logits, divergence, temperature, beta, skew, kd_weight,
+                        teacher_logits, student_bias, teacher_bias, divergence, temperature, beta, skew, kd_weight,
                         scale_by_t2, labels, ce_weight, ignore_index, where, implementation,
                         chunk_size, tile_size):
   if divergence not in DIVERGENCES:
@@ -656,6 +663,26 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
                        f"nnx.Linear kernel (shape [H_T, V]), e.g. `kernel.T`.")
     teacher = (x_t.reshape(n, x_t.shape[-1]), w_t)
 
+  def bias(name, b):
+    b = _check_float(name, b, 1)
+    if b.shape != (v,):
+      raise ValueError(f"`{name}` must have shape ({v},) (the vocabulary of `student_weight`), "
+                       f"got {b.shape}.")
+    return b
+
+  def with_bias(x, w, b):  # x w^T + b as [x, 1] [w, b]^T
+    return (jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1),
+            jnp.concatenate([w, b[:, None].astype(w.dtype)], axis=1))
+
+  if student_bias is not None:
+    x_s, w_s = with_bias(x_s, w_s, bias("student_bias", student_bias))
+  if teacher_bias is not None:
+    b_t = jax.lax.stop_gradient(bias("teacher_bias", teacher_bias))
+    if teacher_logits is not None:
+      teacher = (teacher[0] + b_t.astype(teacher[0].dtype),)
+    else:
+      teacher = with_bias(teacher[0], teacher[1], b_t)
+
   mask = jnp.ones((n,), bool)
   if where is not None:
     w = jnp.asarray(where)
@@ -711,6 +738,7 @@ _IMPLS = {name: jax.jit(fn, static_argnums=(6,)) for name, fn in
 def fused_linear_distillation(
     student_hidden: Array, student_weight: Array, teacher_hidden: Array | None = None,
     teacher_weight: Array | None = None, *, teacher_logits: Array | None = None,
+    student_bias: Array | None = None, teacher_bias: Array | None = None,
     divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
     skew: float = 0.1, kd_weight: float = 1.0, scale_by_t2: bool = False,
     labels: Array | None = None, ce_weight: float = 1.0, ignore_index: int = -100,
