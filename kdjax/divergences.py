@@ -258,8 +258,10 @@ def _per_position_param(name, value, zs, ax, dtype):
   return _checks.per_position(name, value, zs.shape[:ax] + zs.shape[ax + 1:], ax, dtype)
 
 
-def _skew_kl(student_logits, teacher_logits, skew, temperature, axis, where, *, reverse):
-  """KL(a ‖ λa + (1 − λ)b) with (a, b) = (p_T, p_S), or (p_S, p_T) when `reverse`."""
+def _skew_kl(student_logits, teacher_logits, skew, temperature, axis, where, *, reverse,
+             detach_mixture=False):
+  """KL(a ‖ λa + (1 − λ)b) with (a, b) = (p_T, p_S), or (p_S, p_T) when `reverse`; with
+  `detach_mixture` the mixture's a is sg(a) (DistiLLM-2's rejected term)."""
   _checks.check_unit_interval("skew", skew)
   zs, zt, ax, bm, dtype = _scaled_logits(student_logits, teacher_logits, temperature, axis,
                                          where)
@@ -267,8 +269,9 @@ def _skew_kl(student_logits, teacher_logits, skew, temperature, axis, where, *, 
   log_ps = _logspace.masked_log_softmax(zs, axis=ax)
   log_pt = _logspace.masked_log_softmax(zt, axis=ax)
   a, b = (log_ps, log_pt) if reverse else (log_pt, log_ps)
-  return _finish(_logspace.plogratio(a, _logspace.log_mixture(lam, a, b), ax), log_ps, log_pt,
-                 ax, bm)
+  a_mix = jax.lax.stop_gradient(a) if detach_mixture else a
+  return _finish(_logspace.plogratio(a, _logspace.log_mixture(lam, a_mix, b), ax), log_ps,
+                 log_pt, ax, bm)
 
 
 def skew_forward_kl(student_logits: Array, teacher_logits: Array, *, skew: Any = 0.1,

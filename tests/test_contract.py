@@ -33,7 +33,7 @@ import pytest
 
 PUBLIC_MODULES = (
     "kdjax", "kdjax.divergences", "kdjax.reductions", "kdjax.losses", "kdjax.losses.fused_linear",
-    "kdjax.operators", "kdjax.policy", "kdjax.preference", "kdjax.pacing", "kdjax.selfdistill",
+    "kdjax.losses.onpolicy",    "kdjax.operators", "kdjax.policy", "kdjax.preference", "kdjax.pacing", "kdjax.selfdistill",
     "kdjax.kernels", "kdjax.teacher_cache",
 )
 

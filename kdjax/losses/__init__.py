@@ -44,6 +44,7 @@ from kdjax.losses._multi_teacher import WEIGHT_MODES
 from kdjax.losses._multi_teacher import multi_teacher_kd
 from kdjax.losses._multi_teacher import teacher_weights
 from kdjax.losses import fused_linear
+from kdjax.losses import onpolicy
 from kdjax.losses.fused_linear import DIVERGENCES as FUSED_DIVERGENCES
 from kdjax.losses.fused_linear import IMPLEMENTATIONS as FUSED_IMPLEMENTATIONS
 from kdjax.losses.fused_linear import fused_linear_distillation
