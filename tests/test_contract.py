@@ -33,8 +33,8 @@ import pytest
 
 PUBLIC_MODULES = (
     "kdjax", "kdjax.divergences", "kdjax.reductions", "kdjax.losses", "kdjax.losses.fused_linear",
-    "kdjax.losses.onpolicy",    "kdjax.operators", "kdjax.policy", "kdjax.preference", "kdjax.pacing", "kdjax.selfdistill",
-    "kdjax.kernels", "kdjax.teacher_cache",
+    "kdjax.losses.onpolicy", "kdjax.operators", "kdjax.policy", "kdjax.preference", "kdjax.pacing",
+    "kdjax.selfdistill", "kdjax.kernels", "kdjax.teacher_cache",
 )
 
 B, V = 3, 5
