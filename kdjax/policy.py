@@ -192,8 +192,9 @@ def minillm_long_term_rewards(student_token_log_probs: Array, teacher_token_log_
   keep = _checks.check_where(where, lq.shape)
   if keep is None:
     keep = jnp.ones(lq.shape, bool)
+  from kdjax.losses.onpolicy import discounted_returns  # pylint: disable=import-outside-toplevel
   r = jnp.where(keep, lp - jnp.where(keep, lq, 0.0), 0.0)
-  tail = jnp.flip(jnp.cumsum(jnp.flip(r, -1), -1), -1)
+  tail = discounted_returns(r, gamma=1.0, where=keep)
   if not normalize:
     return jnp.where(keep, tail, 0.0)
   n = jnp.flip(jnp.cumsum(jnp.flip(keep.astype(r.dtype), -1), -1), -1)

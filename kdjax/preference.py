@@ -344,14 +344,15 @@ def k3_kl_penalty(token_logp: Array, token_logp_ref: Array, *,
   r"""k3 estimator mean_t[e^{ℓ_ref−ℓ} − (ℓ_ref − ℓ) − 1] ≥ 0 per sequence [paper, code]
   (weight β_kl, default 0 in the author's code). Shapes ``[..., T]`` → ``[...]``; ``where`` is
   a boolean token mask broadcastable to them. A token with ℓ or ℓ_ref = −inf drops out of the
-  mean (finite value and gradient); a sequence without tokens gives 0."""
+  mean (finite value and gradient); a sequence without tokens gives 0. The token mean of
+  :func:`kdjax.losses.onpolicy.kl_estimate` (``kind="k3"``)."""
   lp, lr = _prep("token_logp", token_logp, ("token_logp_ref", token_logp_ref))
   m = _checks.check_where(where, lp.shape)
-  d, ok = _log_ratio(lr, lp)
+  _, ok = _log_ratio(lr, lp)
   if m is not None:
     ok = ok & m
-  d = jnp.where(ok, d, 0.0)
-  k3 = jnp.where(ok, jnp.exp(d) - d - 1.0, 0.0)
+  from kdjax.losses.onpolicy import kl_estimate  # pylint: disable=import-outside-toplevel
+  k3 = kl_estimate(lp, lr, kind="k3", where=ok)
   n = jnp.sum(ok, axis=-1)
   return jnp.sum(k3, axis=-1) / jnp.maximum(n, 1)
 

@@ -454,6 +454,82 @@ SPECS += [
          static={"degree": 2}, bad=(({"degree": 0}, "degree"),)),
 ]
 
+# ----------------------------------------------------------------------------- onpolicy
+_OP = "kdjax.losses.onpolicy"
+_TOK = {"logp": TLP, "logp_ref": TLP - 0.3 * _normal(6, (B, 4))}
+_SEQ_LOGITS = _normal(7, (2, 3, V))          # [B, T, V] for DistiLLM-2
+_SEQ_T = _normal(8, (2, 3, V))
+_SEQ_MASK = jnp.array([[True, True, False], [True, False, False]])
+SPECS += [
+    *[Spec(f"{_OP}:kl_estimate", lambda: dict(_TOK), positional=("logp", "logp_ref"),
+           static={"kind": k}, where=TMASK, bad=(({"kind": "k4"}, "kind"),))
+      for k in ("k1", "k2", "k3")],
+    Spec(f"{_OP}:discounted_returns", lambda: {"x": _normal(3, (B, 4))}, positional=("x",),
+         static={"gamma": 0.5}, where=TMASK,
+         bad=(({"gamma": 1.5}, "gamma"), ({"gamma": jnp.array([0.5, 2.0, 0.5])}, "gamma"))),
+    *[Spec(f"{_OP}:importance_weights", lambda: {"logp": TLP, "logp_sampler": TLP - 0.1},
+           positional=("logp", "logp_sampler"), static={"mode": m}, where=TMASK, grad_arg=None,
+           bad=(({"mode": "seq"}, "mode"),), skip="detached weights: no gradient")
+      for m in ("token", "prefix")],
+    Spec(f"{_OP}:pg_surrogate", lambda: {"logp": TLP, "advantages": _normal(3, (B, 4))},
+         positional=("logp", "advantages"), where=TMASK),
+    Spec(f"{_OP}:pg_surrogate",
+         lambda: {"logp": TLP, "advantages": _normal(3, (B, 4)), "logp_sampler": TLP - 0.1},
+         positional=("logp", "advantages"), where=TMASK),
+    Spec(f"{_OP}:pg_surrogate",
+         lambda: {"logp": TLP, "advantages": _normal(3, (B, 4)), "logp_sampler": TLP - 0.1},
+         positional=("logp", "advantages"), static={"clip_eps": 0.2}, where=TMASK,
+         bad=(({"clip_eps": -0.2}, "clip_eps"),)),
+    Spec(f"{_OP}:rho_k3", lambda: dict(_TOK, logp_sampler=TLP - 0.1),
+         positional=("logp", "logp_sampler", "logp_ref"), where=TMASK),
+    Spec(f"{_OP}:opd_advantages",
+         lambda: {"logp_sampler": TLP, "logp_teacher": TLP - 0.3 * _normal(6, (B, 4))},
+         positional=("logp_sampler", "logp_teacher"), static={"discount": 0.5}, where=TMASK,
+         grad_arg=None, bad=(({"discount": -0.5}, "discount"), ({"coef": "1"}, "coef")),
+         skip="a detached advantage"),
+    Spec(f"{_OP}:gkd_source", lambda: {"key": jax.random.key(0)}, positional=("key",),
+         static={"lam": 0.5}, nan_arg=None, grad_arg=None, bf16=False,
+         bad=(({"lam": 1.5}, "lam"), ({"seq_kd": 1}, "seq_kd")),
+         skip="an integer draw from a key: no float input"),
+    Spec(f"{_OP}:student_topk", lambda: {"student_logits": S_LOGITS}, positional=("student_logits",),
+         static={"k": 2}, nan_arg=None, grad_arg=None, bad=(({"k": 9}, "k"),),
+         skip="integer ids (NaN order is XLA's)"),
+    *[Spec(f"{_OP}:student_topk_reverse_kl",
+           lambda: {"student_logits": S_LOGITS, "teacher_log_probs": jnp.take_along_axis(
+               jax.nn.log_softmax(T_LOGITS), jnp.array([[0, 2], [1, 4], [3, 0]]), -1),
+               "ids": jnp.array([[0, 2], [1, 4], [3, 0]])},
+           positional=("student_logits", "teacher_log_probs", "ids"), static=st, logits=True,
+           where=(MASK,), bad=(({"ids": jnp.array([[0, 0], [1, 4], [3, 0]])}, "ids"),
+                               ({"tail": 1}, "tail")))
+      for st in ({"tail": True}, {"tail": False}, {"tail": False, "clamp": True})],
+    Spec(f"{_OP}:topk_renormalized_kl",
+         lambda: {"student_logits": S_LOGITS, "topk_ids": jnp.array([[0, 2], [1, 4], [3, 0]]),
+                  "topk_log_probs": jnp.take_along_axis(
+                      jax.nn.log_softmax(T_LOGITS), jnp.array([[0, 2], [1, 4], [3, 0]]), -1)},
+         positional=("student_logits", "topk_ids", "topk_log_probs"), logits=True, where=(MASK,),
+         bad=(({"temperature": -1.0}, "temperature"),)),
+    logits_spec(f"{_OP}:distillm2_chosen_kl", {"alpha": 0.1}, bad=(({"alpha": 1.5}, "alpha"),)),
+    logits_spec(f"{_OP}:distillm2_rejected_kl", {"alpha": 0.1}, bad=(({"alpha": -0.5}, "alpha"),)),
+    Spec(f"{_OP}:distillm2_loss",
+         lambda: {"student_chosen_logits": _SEQ_LOGITS, "teacher_chosen_logits": _SEQ_T,
+                  "student_rejected_logits": _SEQ_T * 0.5, "teacher_rejected_logits": _SEQ_LOGITS,
+                  "where_chosen": _SEQ_MASK, "where_rejected": _SEQ_MASK[::-1]},
+         positional=("student_chosen_logits", "teacher_chosen_logits", "student_rejected_logits",
+                     "teacher_rejected_logits"), static={"alpha_chosen": jnp.array([0.1, 0.05])},
+         logits=True, bad=(({"beta": 2.5}, "beta"), ({"alpha_rejected": 1.5}, "alpha_rejected"),
+                           ({"alpha_chosen": jnp.array([0.1, 0.1, 0.1])}, "alpha_chosen"))),
+    Spec(f"{_OP}:distillm2_gap", lambda: {"token_log_probs_a": TLP, "token_log_probs_b": TLP - 0.2},
+         positional=("token_log_probs_a", "token_log_probs_b"), where=TMASK, grad_arg=None,
+         skip="detached"),
+    Spec(f"{_OP}:distillm2_alpha", lambda: {"gap": _normal(2, (B,))}, positional=("gap",),
+         static={"gap0": 0.2}, grad_arg=None, bad=(({"base": 1.5}, "base"), ({"gap0": "x"}, "gap0")),
+         skip="detached, piecewise constant"),
+    Spec(f"{_OP}:distillm2_beta", lambda: {"step": jnp.array([0.0, 10.0, 60.0])},
+         positional=("step",), static={"total_steps": 100, "gradual": True}, nan_arg=None,
+         grad_arg=None, bad=(({"total_steps": 0}, "total_steps"), ({"gradual": "yes"}, "gradual")),
+         skip="a schedule of the step"),
+]
+
 EXEMPT = {
     # classes / containers: their methods are exercised through the functions above and in the
     # module tests.

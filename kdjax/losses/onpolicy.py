@@ -292,6 +292,7 @@ def opd_advantages(logp_sampler: Array, logp_teacher: Array, *, coef: Any = 1.0,
   twice: per-token ratios keep μ's prefixes, and log μ replaces log π in the advantage.
   """
   _checks.check_real("coef", coef)
+  _checks.check_unit_interval("discount", discount)
   lm, lr = _token_pair(("logp_sampler", logp_sampler), ("logp_teacher", logp_teacher))
   lm, lr = jax.lax.stop_gradient(lm), jax.lax.stop_gradient(lr)
   k1 = kl_estimate(lm, lr, kind="k1", where=where)
@@ -404,7 +405,17 @@ def topk_renormalized_kl(student_logits: Array, topk_ids: Array, topk_log_probs:
   lq, batch_mask, ids, lp, sp = _sparse_inputs(student_logits, topk_ids, topk_log_probs,
                                                "topk_ids", "topk_log_probs", temperature, axis,
                                                where)
-  lq_s = LS.masked_log_softmax(jnp.take_along_axis(lq, ids, axis=-1), axis=-1)
+  # Renormalise the student's scaled *logits* over S (not its log-probs), so that the tail
+  # logits are structurally absent from the graph: exactly zero gradient, not rounding error.
+  from kdjax.losses import _common  # pylint: disable=import-outside-toplevel
+  z = _checks.check_array("student_logits", student_logits)
+  ax = _checks.normalize_axis(axis, z.ndim)
+  vocab_mask, _ = _checks.split_where(where, z.shape, ax)
+  temp = _common.temperature_array(temperature, z.shape, ax, lq.dtype)
+  present = LS.valid_entries(z, vocab_mask)
+  z = jnp.where(present, jnp.where(present, z.astype(lq.dtype), 0.0) / temp, -jnp.inf)
+  z_s = jnp.take_along_axis(jnp.moveaxis(z, ax, -1), ids, axis=-1)
+  lq_s = LS.masked_log_softmax(z_s, axis=-1)
   lp_s = LS.masked_log_softmax(lp, axis=-1)
   return sp._finish(LS.plogratio(lp_s, lq_s, -1), lq, batch_mask, LS.row_nonempty(lp, -1))
 
@@ -421,6 +432,7 @@ def distillm2_chosen_kl(student_logits: Array, teacher_logits: Array, *, alpha: 
   This is :func:`kdjax.skew_forward_kl` with skew α (per token; α may be per sequence or per
   position). Logit gradient −(1 − α) q ⊙ (w − ⟨q, w⟩), w = p/m.
   """
+  _checks.check_unit_interval("alpha", alpha)
   return divergences.skew_forward_kl(student_logits, teacher_logits, skew=alpha,
                                      temperature=temperature, axis=axis, where=where)
 
@@ -436,6 +448,7 @@ def distillm2_rejected_kl(student_logits: Array, teacher_logits: Array, *, alpha
   q ⊙ (a − ⟨q, a⟩) with a = log(q/m). At p = (0.9, 0.1), q = (0.5, 0.5), α = 0.1: value 0.365321,
   logit gradient (−0.453822, +0.453822) (non-detached: (−0.379072, +0.379072)).
   """
+  _checks.check_unit_interval("alpha", alpha)
   return divergences._skew_kl(student_logits, teacher_logits, alpha, temperature, axis, where,
                               reverse=True, detach_mixture=True)
 
