@@ -337,7 +337,9 @@ def generalized_jsd(student_logits: Array, teacher_logits: Array, *, beta: Any =
   log_pt = _logspace.masked_log_softmax(zt, axis=ax)
   values = _jsd_raw(log_pt, log_ps, b, ax)
   if endpoint == "kl":
-    bs = jnp.squeeze(b, ax)
+    # + zeros_like(values): the condition takes the values' sharding (a select on an Explicit
+    # mesh needs one sharding for condition and cases; a broadcast scalar β has none).
+    bs = jnp.squeeze(b, ax) + jnp.zeros_like(values)
     values = jnp.where(bs == 0.0, _logspace.plogratio(log_pt, log_ps, ax),
                        jnp.where(bs == 1.0, _logspace.plogratio(log_ps, log_pt, ax), values))
   return _finish(values, log_ps, log_pt, ax, bm)

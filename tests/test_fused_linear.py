@@ -198,11 +198,17 @@ def test_jsd_endpoints_are_the_kls():
   assert fl.fused_linear_reverse_kl.__name__ == "fused_linear_reverse_kl"
 
 
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 @pytest.mark.parametrize("implementation", FAST)
-def test_mesh_equals_single_device(implementation):
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def test_mesh_equals_single_device(implementation, axis_type):
+  """Token-sharded inputs on an Auto mesh and on an Explicit one (``jax.make_mesh``'s default
+  axis type, where the dW product over sharded tokens needs its output sharding and the scan
+  carries need the token sharding: both raised before)."""
+  at = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(at,))
   x_s, w_s, x_t, w_t, labels, mask = _inputs(n=32, v=30)
-  kw = dict(divergence="forward_kl", temperature=2.0, labels=labels, where=mask,
+  div = "forward_kl" if axis_type == "Auto" else "generalized_jsd"
+  kw = dict(divergence=div, temperature=2.0, labels=labels, where=mask,
             chunk_size=8, tile_size=8)
   want = _value_and_grads(implementation, x_s, w_s, x_t, w_t, **kw)
   tok = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -210,7 +216,8 @@ def test_mesh_equals_single_device(implementation):
   x_s_d, x_t_d = jax.device_put(x_s, tok), jax.device_put(x_t, tok)
   w_s_d, w_t_d = jax.device_put(w_s, rep), jax.device_put(w_t, rep)
   kw.update(labels=jax.device_put(labels, tok), where=jax.device_put(mask, tok))
-  got = _value_and_grads(implementation, x_s_d, w_s_d, x_t_d, w_t_d, **kw)
+  with jax.set_mesh(mesh):
+    got = _value_and_grads(implementation, x_s_d, w_s_d, x_t_d, w_t_d, **kw)
   assert len(got[1][0].sharding.device_set) == 8
   _assert_close(got, want)
 

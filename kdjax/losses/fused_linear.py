@@ -70,7 +70,8 @@ Semantics shared by every implementation:
   the inputs' device-varying-ness and a replicated head weight's gradient is summed over the
   token axis, as autodiff would.
 * Under ``jax.jit`` with token-sharded inputs on a mesh the result equals the single-device
-  one. For pure data parallelism without any cross-device traffic inside the loss, call it
+  one, on ``Auto`` meshes and on ``Explicit`` ones (``jax.make_mesh``'s default axis type, used
+  with ``jax.set_mesh``: the head-weight gradient keeps the weight's sharding). For pure data parallelism without any cross-device traffic inside the loss, call it
   inside ``jax.shard_map`` on the local tokens and add the pairs with
   :func:`kdjax.reductions.psum`.
 
@@ -162,6 +163,25 @@ def _varying_like(tree, *refs):
     missing = tuple(sorted(names - varying(z)))
     return jax.lax.pcast(z, missing, to="varying") if missing else z
   return jax.tree.map(cast, tree)
+
+
+def _explicit_sharding(ref):
+  """`ref`'s sharding when it lives on a mesh with Explicit axes (``jax.make_mesh``'s default),
+  else None. A product that contracts a sharded token axis (dW = dzᵀx) must then be told its
+  output sharding (the weight's), or JAX raises an ambiguity error."""
+  sh = getattr(jax.typeof(ref), "sharding", None)
+  mesh = getattr(sh, "mesh", None)
+  types = getattr(mesh, "axis_types", None) or ()
+  if any(t == jax.sharding.AxisType.Explicit for t in types):
+    return sh
+  return None
+
+
+def _weight_grad(spec: str, dz: Array, x: Array, w: Array, dtype) -> Array:
+  """dz^T x contracted over tokens, with the weight's sharding under an Explicit mesh."""
+  out = _explicit_sharding(w)
+  kw = {} if out is None else {"out_sharding": out}
+  return jnp.einsum(spec, dz, x, preferred_element_type=dtype, **kw)
 
 
 def _vjp_like(grads, primals):
@@ -314,14 +334,14 @@ def _chunked_bwd(cfg, res, g):
     def dw_tile(dw, j):
       vstart, vfresh = _window(v, vt, j)
       dz_t = jnp.where(vfresh[None, :], jax.lax.dynamic_slice_in_dim(dz, vstart, vt, 1), 0)
-      upd = jnp.einsum("cv,ch->vh", dz_t, xw, preferred_element_type=dt)
+      upd = _weight_grad("cv,ch->vh", dz_t, xw, w_s, dt)
       old_t = jax.lax.dynamic_slice_in_dim(dw, vstart, vt, 0)
       return jax.lax.dynamic_update_slice_in_dim(dw, old_t + upd, vstart, 0), None
 
     dw, _ = jax.lax.scan(dw_tile, dw, jnp.arange(_num_windows(v, vt)))
     return (dw, dhp), dxc
 
-  init = _varying_like((jnp.zeros(w_s.shape, dt), jnp.zeros_like(hp)),
+  init = _varying_like((jnp.zeros_like(w_s, dtype=dt), jnp.zeros_like(hp)),
                        x_s, w_s, teacher, mask, labels, hp, g)
   (dw, dhp), dx = jax.lax.scan(body, init, xs + (g_steps,))
   dx = _from_steps(dx, n)
@@ -374,8 +394,9 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
   vt = cfg.tile_size
   temperature, coef = hp[0], hp[1]
   nt = _num_windows(v, vt)
-  neg = jnp.full((n,), -jnp.inf, dt)
-  zero = jnp.zeros((n,), dt)
+  # Token-shaped carries take the token axis' sharding from x (an Explicit mesh types it).
+  zero = jnp.zeros_like(x_s[:, 0], dtype=dt)
+  neg = jnp.full_like(zero, -jnp.inf)
 
   # Pass 1: log-normalisers of both sides (and of the raw student logits for CE), plus the
   # one-pass KL accumulators a = Σ e^{t−m_t}(t − s), b = Σ e^{s−m_s}(s − t).
@@ -503,15 +524,15 @@ def _streaming_bwd(cfg, res, g):
       onehot = (cols[None, :] == labels[:, None]).astype(dt)
       dz = dz + ce_weight * (jnp.exp(zs - stats["lse_c"][:, None]) - onehot)
     dz = jnp.where(fresh[None, :], g[:, None] * dz, 0.0).astype(w_s.dtype)
-    dw_tile = jnp.einsum("nv,nh->vh", dz, x_w, preferred_element_type=dt)
+    dw_tile = _weight_grad("nv,nh->vh", dz, x_w, w_s, dt)
     # Shifted last tile: its repeated rows carry dz = 0, so adding is exact.
     old = jax.lax.dynamic_slice_in_dim(dw, start, vt, 0)
     dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dw_tile, start, 0)
     dx = dx + jnp.einsum("nv,vh->nh", dz, w_tile, preferred_element_type=dt)
     return (dw, dx), None
 
-  init = _varying_like((jnp.zeros(w_s.shape, dt), jnp.zeros(x_s.shape, dt)), x_s, w_s, teacher,
-                       mask, labels, hp, g, stats)
+  init = _varying_like((jnp.zeros_like(w_s, dtype=dt), jnp.zeros_like(x_s, dtype=dt)), x_s, w_s,
+                       teacher, mask, labels, hp, g, stats)
   (dw, dx), _ = jax.lax.scan(body, init, jnp.arange(_num_windows(v, vt)))
   # Hyper-parameter gradients (T, β/λ, kd_weight, ce_weight): forward mode over the 4 entries
   # of hp, so the cost is a few extra streaming sweeps and no [N, V] residual is stored.
