@@ -38,6 +38,14 @@ a per-batch token mean is a ratio estimator with O(1/B) bias for variable length
 advantages are detached (``stop_gradient``); losses differentiate what their docstring says. A
 token whose log-prob is ``-inf`` in an input drops out (value 0, gradient 0); NaN propagates.
 
+Sampling utilities live where they already were (one implementation each): log-probs of
+sampled tokens from logits, :func:`kdjax.policy.token_log_probs` (student and teacher alike);
+sequence log-probs with a token mask, :func:`kdjax.preference.sequence_log_prob`
+(``length_normalize=False`` for the sum); KV-cache sampling of a Flax model,
+``experiments.decoding``. The full-vocabulary per-token objectives are :mod:`kdjax.divergences`
+applied at every sampled prefix (``reverse_kl``, ``forward_kl``, ``generalized_jsd``,
+``total_variation``; JSD and TV are unbiased for no sequence-level divergence).
+
 Sources: Schulman, "Approximating KL divergence" (2020) for k1/k2/k3; GKD, arXiv:2306.13649;
 MiniLLM, arXiv:2306.08543; DistiLLM-2, arXiv:2503.07067; the Thinking Machines on-policy
 distillation recipe (tinker-cookbook); student top-k reverse KL, arXiv:2604.13016.
