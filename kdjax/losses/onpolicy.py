@@ -568,7 +568,8 @@ def distillm2_beta(step: Any, total_steps: Any, *, gradual: bool = False) -> Arr
     raise TypeError(f"`gradual` must be a bool, got {gradual!r}.")
   _checks.check_nonneg("step", step)
   _checks.check_positive("total_steps", total_steps)
-  s = jnp.asarray(step, jnp.float32)
+  s = jnp.asarray(step)
+  s = s.astype(_checks.compute_dtype(s))        # float32, float64 kept
   if not gradual:
     return jnp.ones_like(s)
-  return 1.0 + 0.5 * jnp.minimum(1.0, 2.0 * s / jnp.asarray(total_steps, jnp.float32))
+  return 1.0 + 0.5 * jnp.minimum(1.0, 2.0 * s / jnp.asarray(total_steps, s.dtype))
