@@ -775,7 +775,7 @@ def _sampler_reward():
 
 @register("onpolicy.monte_carlo", source="[proposed] oracle protocol",
           statement="2e4 samples from each estimator's sampler: every unbiased estimator's "
-                    "sample mean is within 5 SE of the exact mean on every coordinate hit >= 50 "
+                    "sample mean is within 4 SE of the exact mean on every coordinate hit >= 50 "
                     "times in expectation (SE from the exact variance), (3,3) and (5,4); GKD with a gkd_source draw per step "
                     "matches the lambda-mixture",
           doc=f"{_DOC}#oracle")
@@ -802,7 +802,8 @@ def _monte_carlo():
   tested += k
   if zg > worst:
     worst, where = zg, "GKD mixture"
-  return Result(measured=worst, tolerance=5.0,
+  # 4 SE as the issue asks, on every one of ~1e4 coordinates (fixed seeds; measured max 3.66).
+  return Result(measured=worst, tolerance=4.0,
                 detail=f"max z {worst:.2f} ({where}) over {tested} coordinate tests")
 
 
