@@ -112,6 +112,10 @@ class Transformer(nnx.Module):
   Learned positional embeddings (``max_len``), pre-LayerNorm blocks with causal attention, a final
   LayerNorm and an untied output projection; token and position embeddings start at N(0, 0.02²).
   ``padding_mask`` (``[B, L]`` bool, optional) removes padded keys from attention.
+  ``num_outputs`` (default ``vocab_size``) sizes the output head separately from the input
+  embedding (e.g. an input-only ``<s>`` token that is never predicted); :meth:`hidden` gives the
+  final-LayerNorm states ``[B, L, d_model]`` that the head maps to logits (what the fused
+  large-vocabulary losses of :mod:`kdjax.losses.fused_linear` take, with ``head.kernel.T``).
 
   Autoregressive decoding with a key/value cache (``nnx.MultiHeadAttention(decode=True)``):
   :meth:`init_cache` allocates the cache for a batch, then each ``model(token[:, None],
@@ -121,7 +125,8 @@ class Transformer(nnx.Module):
   """
 
   def __init__(self, vocab_size: int, *, d_model: int = 64, num_heads: int = 4,
-               num_layers: int = 2, mlp_dim: int = 256, max_len: int = 64, rngs: nnx.Rngs):
+               num_layers: int = 2, mlp_dim: int = 256, max_len: int = 64,
+               num_outputs: int | None = None, rngs: nnx.Rngs):
     if d_model % num_heads:
       raise ValueError(f"`d_model` ({d_model}) must be divisible by `num_heads` ({num_heads}).")
     self.max_len = int(max_len)
@@ -131,7 +136,7 @@ class Transformer(nnx.Module):
     self.blocks = nnx.List([_Block(int(d_model), int(num_heads), int(mlp_dim), rngs=rngs)
                             for _ in range(int(num_layers))])
     self.ln_f = nnx.LayerNorm(int(d_model), rngs=rngs)
-    self.head = nnx.Linear(int(d_model), int(vocab_size), rngs=rngs)
+    self.head = nnx.Linear(int(d_model), int(num_outputs or vocab_size), rngs=rngs)
 
   def init_cache(self, batch_size: int, dtype=jnp.float32) -> None:
     """Allocates an empty key/value cache of ``max_len`` positions for ``batch_size`` rows."""
@@ -156,6 +161,11 @@ class Transformer(nnx.Module):
       for block in self.blocks:
         x = block(x, None, decode=True)
       return self.head(self.ln_f(x))
+    return self.head(self.hidden(tokens, padding_mask))
+
+  def hidden(self, tokens: jax.Array, padding_mask: jax.Array | None = None) -> jax.Array:
+    """The final-LayerNorm hidden states ``[B, L, d_model]`` (the head's input; full pass)."""
+    length = tokens.shape[-1]
     if length > self.max_len:
       raise ValueError(f"`tokens` length {length} exceeds the model's max_len {self.max_len}.")
     x = self.embed(tokens) + self.pos(jnp.arange(length))[None]
@@ -164,7 +174,7 @@ class Transformer(nnx.Module):
       mask = nnx.combine_masks(mask, nnx.make_attention_mask(padding_mask, padding_mask))
     for block in self.blocks:
       x = block(x, mask)
-    return self.head(self.ln_f(x))
+    return self.ln_f(x)
 
 
 def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any) -> Any:
@@ -181,7 +191,7 @@ def build_model(cfg: Mapping[str, Any] | Any, *, input_shape: Sequence[int] = ()
     * mlp: ``hidden`` (list of widths), ``activation``;
     * cnn: ``features`` (conv channels), ``dense``, ``activation``;
     * transformer: ``vocab_size`` (default ``num_classes``), ``d_model``, ``num_heads``,
-      ``num_layers``, ``mlp_dim``, ``max_len``.
+      ``num_layers``, ``mlp_dim``, ``max_len``, ``num_outputs`` (default ``vocab_size``).
 
   Args:
     cfg: the model config (ConfigDict or dict).
@@ -202,7 +212,8 @@ def build_model(cfg: Mapping[str, Any] | Any, *, input_shape: Sequence[int] = ()
     return Transformer(_get(cfg, "vocab_size", num_classes) or num_classes,
                        d_model=_get(cfg, "d_model", 64), num_heads=_get(cfg, "num_heads", 4),
                        num_layers=_get(cfg, "num_layers", 2), mlp_dim=_get(cfg, "mlp_dim", 256),
-                       max_len=_get(cfg, "max_len", 64), rngs=rngs)
+                       max_len=_get(cfg, "max_len", 64),
+                       num_outputs=_get(cfg, "num_outputs", None), rngs=rngs)
   raise ValueError(f"model `kind` must be 'mlp', 'cnn' or 'transformer', got {kind!r}.")
 
 

@@ -168,6 +168,8 @@ BAD_VALUES = {
     "paced_tabular": [("arms", ("uniform_fkl", "nope")), ("k", 0), ("lr", -0.01)],
     "paced_reasoning": [("student.num_heads", 0), ("student_ndig_probs", (0.5, 0.5, 0.5, 0.5)),
                         ("teacher_lr", 0.0)],
+    "lm_distill": [("arms", ("offline:k1_reward",)), ("vocab", 0), ("teacher", "gpt"),
+                   ("beta", 1.5), ("student.num_heads", 0)],
 }
 
 
