@@ -23,7 +23,15 @@ the teacher (golden = proxy). Stage 2 distils a smaller Transformer student, one
 Argument string (comma separated): ``smoke`` (every mode in one short run, tiny models: its
 numbers are no result), ``seed=<int>``, ``mode=<mode>[+<mode>...]``, ``objective=<name>``
 (applied to every mode given; default forward_kl, ce for seqkd, jsd for gkd),
-``teacher=oracle|transformer``, ``vocab=<int>`` (V', default 2047).
+``teacher=oracle|transformer``, ``vocab=<int>`` (V', default 2047); ``hacking`` (the teacher-hacking
+protocol: one regime per run, default ``mode=offline``, 1000 student steps, golden and proxy
+metrics every 50 steps; summarise seeds with ``python -m experiments.lm_summary hacking``),
+``compare`` (the objective comparison: forward KL, reverse KL and JSD on fresh teacher samples,
+on-policy reverse KL, SeqKD, 400 steps each; ``python -m experiments.lm_summary compare``),
+``accel`` (one TPU/GPU host, no code change: V' = 16,383, 64 tokens, batch 256 sharded over the
+mesh's ``data`` axis, teacher d = 512 / 6 layers, student d = 256 / 4 layers, 10k steps each; add
+``--config.fsdp=True`` to shard parameters over ``model``). Point ``--config.teacher_workdir`` at
+a finished run to reuse its teacher.
 Timing (2-core CPU, other jobs running): the smoke run (teacher + 7 arms covering every mode and
 objective, one shared student compilation) 65 s; the default run (teacher 1000 steps, three arms
 of 400 steps, V' = 2047) 564 s. Measured default results (seed 0), golden KL(O||model) per token:
@@ -39,11 +47,14 @@ DEFAULT_OBJECTIVE = {"offline": "forward_kl", "online": "forward_kl", "seqkd": "
                      "onpolicy": "forward_kl", "gkd": "jsd"}
 SMOKE_ARMS = ("offline:forward_kl", "online:reverse_kl", "seqkd:ce", "onpolicy:k1_reward",
               "gkd:jsd", "online:tv", "onpolicy:k3_loss")   # every mode and objective
+COMPARE_ARMS = ("online:forward_kl", "online:reverse_kl", "online:jsd", "onpolicy:reverse_kl",
+                "seqkd:ce")
 
 
 def get_config(arg=None):
   args = parse_arg(arg, config="lm_distill",
-                   allowed={"smoke", "seed", "mode", "objective", "teacher", "vocab"})
+                   allowed={"smoke", "seed", "mode", "objective", "teacher", "vocab",
+                            "hacking", "compare", "accel"})
   c = ml_collections.ConfigDict()
   c.task = "lm_distill"
   c.resume = "strict"
@@ -76,6 +87,7 @@ def get_config(arg=None):
   c.gamma = 0.0                            # discount of the k1 reward
   c.lam = 0.5                              # GKD: probability of a student-sampled batch
   c.tile_size = 512                        # vocabulary tile of the streaming fused loss
+  c.loss_implementation = "streaming"      # fused KL/JSD: "streaming" | "reference" | "chunked"
 
   c.eval_size = 256                        # held-out oracle sentences (and teacher/student samples)
   c.eval_batch = 64
@@ -84,6 +96,33 @@ def get_config(arg=None):
   c.checkpoint_every = 200
   c.progress = True
 
+  if args.get("hacking"):   # teacher hacking (arXiv:2502.02671): one regime per run, long curves
+    c.arms = tuple(f"{m}:{objective or 'forward_kl'}"
+                   for m in str(args.get("mode", "offline")).split("+"))
+    c.student_steps = 1000
+    c.eval_every = 50
+    c.log_every = 50
+    c.checkpoint_every = 500
+  if args.get("compare"):   # the objective comparison at an equal step budget
+    c.arms = COMPARE_ARMS
+  if args.get("accel"):   # one TPU/GPU host (or a pod slice): same code, scaled sizes
+    c.vocab = int(args.get("vocab", 16_383))
+    c.seq_len = 64
+    c.batch_size = 256
+    c.teacher_model = ml_collections.ConfigDict(
+        {"kind": "transformer", "d_model": 512, "num_heads": 8, "num_layers": 6, "mlp_dim": 2048})
+    c.student = ml_collections.ConfigDict(
+        {"kind": "transformer", "d_model": 256, "num_heads": 4, "num_layers": 4, "mlp_dim": 1024})
+    c.teacher_steps = 10_000
+    c.student_steps = 10_000
+    c.optimizer.warmup_steps = 500
+    c.offline_size = 8192
+    c.eval_size = 1024
+    c.eval_batch = 256
+    c.tile_size = 4096
+    c.log_every = 100
+    c.eval_every = 500
+    c.checkpoint_every = 1000
   c.smoke = bool(args.get("smoke", False))
   if c.smoke:
     c.vocab = int(args.get("vocab", 511))

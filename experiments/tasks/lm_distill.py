@@ -149,6 +149,7 @@ def validate(config) -> None:
                                                          config.teacher_steps))
   for k in ("beta", "gamma", "lam"):
     C.check_number(config, k, low=0, high=1)
+  C.check_choice(config, "loss_implementation", ("streaming", "reference", "chunked"))
   for k in ("offline_size", "eval_size", "eval_batch", "tile_size"):
     C.check_number(config, k, low=1, integer=True)
   if config.offline_size < config.batch_size:
@@ -168,7 +169,8 @@ def _token_lp(lp: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def loss_from_hidden(h, head_w, head_b, tokens, mask, teacher_lp, *, objective: str,
-                     beta: float = 0.5, gamma: float = 0.0, tile_size: int = 512):
+                     beta: float = 0.5, gamma: float = 0.0, tile_size: int = 512,
+                     implementation: str = "streaming"):
   """The student's scalar loss for ``objective`` from its final hidden states ``h [B, L, H]``
   and head (``head_w [V'+1, H]``, ``head_b [V'+1]``) on ``tokens [B, L]`` (kept positions
   ``mask``); ``teacher_lp [B, L, V'+1]`` the teacher's next-token log-probs (a constant; unused
@@ -177,7 +179,7 @@ def loss_from_hidden(h, head_w, head_b, tokens, mask, teacher_lp, *, objective: 
   if objective in _FUSED:
     acc = fused_linear.fused_linear_distillation(
         h, head_w, student_bias=head_b, teacher_logits=jax.lax.stop_gradient(teacher_lp),
-        divergence=_FUSED[objective], beta=beta, where=mask, implementation="streaming",
+        divergence=_FUSED[objective], beta=beta, where=mask, implementation=implementation,
         tile_size=tile_size)
     return acc.mean()
   logits = (h @ head_w.T + head_b).astype(jnp.float32)
@@ -252,7 +254,8 @@ def make_step(graphdef, tx, *, config, bos_id: int, modes, objectives, state_sha
   srcs = tuple(sorted({s for m in modes for s in _SOURCES[m]}))
   src_of_mode = np.array([srcs.index(_SOURCES[m][0]) if _SOURCES[m][0] in srcs else 0
                           for m in MODES], np.int32)
-  kw = dict(beta=config.beta, gamma=config.gamma, tile_size=config.tile_size)
+  kw = dict(beta=config.beta, gamma=config.gamma, tile_size=config.tile_size,
+            implementation=config.get("loss_implementation", "streaming"))
 
   def step(state, batch, teacher, source, arm):
     key = jax.random.fold_in(arm["key"], state.step)
