@@ -106,6 +106,8 @@ def summarize_hacking(workdirs: Iterable) -> tuple[list[dict], dict]:
     for ph in _arm_phases(wd):
       c = eval_curves(wd, ph)
       c["workdir"] = str(wd)
+      res = json.loads((wd / "results.json").read_text())
+      c["teacher_golden"] = float(res["rows"][0].get("golden_fkl", np.nan))
       runs.setdefault(_regime(ph), []).append(c)
   rows = []
   for regime, curves in runs.items():
@@ -136,7 +138,7 @@ def summarize_hacking(workdirs: Iterable) -> tuple[list[dict], dict]:
 
 def plot_hacking(runs: dict, path) -> pathlib.Path:
   """Golden KL(O‖S), held-out proxy KL(T‖S) and the training loss vs step, one panel per regime
-  (one line per seed), log-log axes."""
+  (one line per seed, ▼ at the golden minimum), log-log axes; dotted: the teacher's KL(O‖T)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -153,9 +155,12 @@ def plot_hacking(runs: dict, path) -> pathlib.Path:
               label=lab("training loss"))
       i = int(np.argmin(c["golden_fkl"]))
       ax.plot(c["step"][i], c["golden_fkl"][i], "v", color="C3")
+      ax.axhline(c["teacher_golden"], color="k", ls=":", lw=0.8,
+                 label=lab("teacher's golden KL(O||T)"))
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_title(f"{regime} ({len(runs[regime])} seeds)")
+    n = len(runs[regime])
+    ax.set_title(f"{regime} ({n} seed{'s' if n > 1 else ''})")
     ax.set_xlabel("optimizer step")
     ax.grid(alpha=0.3, which="both")
   axes[0][0].set_ylabel("per-token KL (nats)")

@@ -830,6 +830,16 @@ class NGramOracle:
     self._jit_log_probs = jax.jit(fn, static_argnames=("raw",))
     self._jit_sample = jax.jit(self._sample_impl, static_argnames=("num", "max_len"))
     self._jit_next = jax.jit(self._sample_next_impl, static_argnames=("num",))
+    # Equal oracles (same file, size, mtime, V', compat) compare equal, so an NGramTeacher (the
+    # oracle is its static pytree data) built in a later call hits jit caches: no recompile.
+    self._identity = (_file_key(self.path, self.vocab_size, compat),
+                      int(np.asarray(tables["version"])) if "version" in tables else 0)
+
+  def __eq__(self, other):
+    return isinstance(other, NGramOracle) and self._identity == other._identity
+
+  def __hash__(self):
+    return hash(self._identity)
 
   # -- tables
   @property

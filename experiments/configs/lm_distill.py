@@ -27,7 +27,8 @@ numbers are no result), ``seed=<int>``, ``mode=<mode>[+<mode>...]``, ``objective
 protocol: one regime per run, default ``mode=offline``, 1000 student steps, golden and proxy
 metrics every 50 steps; summarise seeds with ``python -m experiments.lm_summary hacking``),
 ``compare`` (the objective comparison: forward KL, reverse KL and JSD on fresh teacher samples,
-on-policy reverse KL, SeqKD, 400 steps each; ``python -m experiments.lm_summary compare``),
+on-policy reverse KL, SeqKD, 400 steps each, with the oracle as the teacher unless
+``teacher=transformer``; ``python -m experiments.lm_summary compare``),
 ``accel`` (one TPU/GPU host, no code change: V' = 16,383, 64 tokens, batch 256 sharded over the
 mesh's ``data`` axis, teacher d = 512 / 6 layers, student d = 256 / 4 layers, 10k steps each; add
 ``--config.fsdp=True`` to shard parameters over ``model``). Point ``--config.teacher_workdir`` at
@@ -105,6 +106,7 @@ def get_config(arg=None):
     c.checkpoint_every = 500
   if args.get("compare"):   # the objective comparison at an equal step budget
     c.arms = COMPARE_ARMS
+    c.teacher = str(args.get("teacher", "oracle"))   # golden = proxy: the objectives themselves
   if args.get("accel"):   # one TPU/GPU host (or a pod slice): same code, scaled sizes
     c.vocab = int(args.get("vocab", 16_383))
     c.seq_len = 64
