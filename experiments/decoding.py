@@ -128,7 +128,9 @@ def sample(model: nnx.Module, prompt: jax.Array, *, max_new_tokens: int,
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
       or max_new_tokens < 1:
     raise ValueError(f"`max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}.")
-  _check_settings(temperature, top_k, top_p, getattr(model, "vocab_size", None))
+  # top_k ranges over the head's outputs (an LM with <s> as an input-only token has one fewer).
+  n_out = getattr(getattr(model, "head", None), "out_features", None)
+  _check_settings(temperature, top_k, top_p, n_out or getattr(model, "vocab_size", None))
   max_len = model.max_len
   if prompt.shape[1] + max_new_tokens > max_len:
     raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} "
