@@ -253,7 +253,7 @@ def test_bad_input():
   with pytest.raises(ValueError, match="tile_size"):
     f(x_s, w_s, x_t, w_t, tile_size=0)
   with pytest.raises(ValueError, match="implementation"):
-    f(x_s, w_s, x_t, w_t, implementation="pallas")
+    f(x_s, w_s, x_t, w_t, implementation="triton")
   with pytest.raises(ValueError, match="divergence"):
     f(x_s, w_s, x_t, w_t, divergence="kl")
   with pytest.raises(ValueError, match="labels"):

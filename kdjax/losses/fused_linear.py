@@ -75,6 +75,24 @@ Semantics shared by every implementation:
   inside ``jax.shard_map`` on the local tokens and add the pairs with
   :func:`kdjax.reductions.psum`.
 
+Vocabulary parallelism: ``implementation="streaming", mesh=mesh, vocab_axis="model"`` (optionally
+``token_axis="data"``) shards the vocabulary. Use it when the LM head is already sharded over a
+tensor-parallel axis (``W_S``/``W_T`` rows, or the last axis of ``teacher_logits``, over
+``vocab_axis``) or too large to replicate: inside ``jax.shard_map`` each device sweeps only its
+``V/P`` rows with the streaming math above and the per-token statistics are merged with
+collectives of a few ``[N]`` float32 vectors (``pmax`` of the running maxima, ``psum`` of the
+rescaled sums of exponentials, the KL accumulators and the CE's picked logit; JSD and skew KL add
+one ``psum`` of the second pass, formed from the global log-normalisers). The head weights are
+never all-gathered and no ``[N, V]`` array is formed; ``dW_S`` stays sharded like ``W_S`` (summed
+over ``token_axis``), ``dx_S`` is summed over ``vocab_axis``, and the hyper-parameter gradients
+equal the reference's. Call it eagerly or under ``jax.jit``, not inside an outer
+``jax.shard_map``. V not a multiple of the vocab-axis size is padded with masked columns (one
+padded copy of ``W_S``, ``W_T`` or ``teacher_logits``), N not a multiple of the token-axis size
+with masked rows (a padded copy of the per-token inputs); such a V cannot be a sharded input,
+so the weight usually arrives replicated and its gradient comes back replicated (gathered at
+the end). For a replicated head,
+plain ``"streaming"`` or ``"chunked"`` on token-sharded inputs is the better choice.
+
 A ``-inf`` teacher logit removes that word in every implementation (streaming masks it in its
 online log-sum-exp); a NaN teacher logit propagates to the token's loss. Output biases: ``student_bias`` / ``teacher_bias``. Limitation: top-k sparse teacher targets are not supported.
 
@@ -112,7 +130,7 @@ __all__ = [
 ]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl")
-IMPLEMENTATIONS = ("reference", "chunked", "streaming")
+IMPLEMENTATIONS = ("reference", "chunked", "streaming", "pallas")
 
 
 class _Cfg(NamedTuple):
@@ -374,6 +392,15 @@ def _weight_rows(w: Array, start, size: int) -> Array:
   return jax.lax.dynamic_slice_in_dim(w, start, size, 0)
 
 
+def _tile_window(v: int, vt: int, i: Array, col_ok: Array | None):
+  """:func:`_window` of vocabulary tile i, its fresh columns also restricted to ``col_ok``
+  ([V] bool or None: the vocabulary-parallel path's padding columns are not words)."""
+  start, fresh = _window(v, vt, i)
+  if col_ok is not None:
+    fresh = fresh & jax.lax.dynamic_slice_in_dim(col_ok, start, vt)
+  return start, fresh
+
+
 def _tile_logits(x_s, w_s, teacher, start, size, cfg):
   dt = jnp.dtype(cfg.dtype)
   w_tile = _weight_rows(w_s, start, size)
@@ -387,8 +414,12 @@ def _mixture_terms(lp, lq, coef, cfg):
   return jnp.logaddexp(log_c + lq, log_1mc + lp)
 
 
-def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
-  """Per-token statistics (compute dtype): log-normalisers, divergence and the backward scalar."""
+def _stream_stats(x_s, w_s, teacher, labels, hp, cfg, col_ok=None, combine=None):
+  """Per-token statistics (compute dtype): log-normalisers, divergence and the backward scalar.
+
+  ``col_ok`` ([V] bool) drops columns from every statistic; ``combine`` (None: one device)
+  merges the sweeps' partial results over vocabulary shards (``_fused_vocab_parallel``):
+  ``combine.pass1(carry, cfg)`` after pass 1 and ``combine.sum(div, aux)`` after pass 2."""
   dt = jnp.dtype(cfg.dtype)
   n, v = x_s.shape[0], w_s.shape[0]
   vt = cfg.tile_size
@@ -402,7 +433,7 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
   # one-pass KL accumulators a = Σ e^{t−m_t}(t − s), b = Σ e^{s−m_s}(s − t).
   def pass1(carry, i):
     ms, ls, mt, lt, a, b, mc, lc, picked = carry
-    start, fresh = _window(v, vt, i)
+    start, fresh = _tile_window(v, vt, i, col_ok)
     zs, zt, _ = _tile_logits(x_s, w_s, teacher, start, vt, cfg)
     s, t = zs / temperature, zt / temperature
     valid = fresh[None, :]
@@ -425,7 +456,10 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
 
   init = _varying_like((neg, zero, neg, zero, zero, zero, neg, zero, zero), x_s, w_s, teacher,
                        labels, hp)
-  (ms, ls, mt, lt, a, b, mc, lc, picked), _ = jax.lax.scan(pass1, init, jnp.arange(nt))
+  carry, _ = jax.lax.scan(pass1, init, jnp.arange(nt))
+  if combine is not None:
+    carry = combine.pass1(carry, cfg)
+  ms, ls, mt, lt, a, b, mc, lc, picked = carry
   lse_s, lse_t = _log_norm(ms, ls), _log_norm(mt, lt)
   safe_lt = jnp.where(lt > 0, lt, 1.0)
   safe_ls = jnp.where(ls > 0, ls, 1.0)
@@ -440,11 +474,13 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
     # Pass 2: the mixture needs both normalisers, so it is a second sweep.
     def pass2(carry, i):
       div, aux = carry
-      start, fresh = _window(v, vt, i)
+      start, fresh = _tile_window(v, vt, i, col_ok)
       zs, zt, _ = _tile_logits(x_s, w_s, teacher, start, vt, cfg)
       valid = fresh[None, :]
       lp = zs / temperature - lse_s[:, None]
-      lq = zt / temperature - lse_t[:, None]
+      # A removed word's lq is -inf with a zero tangent (the forward-mode hp gradient would
+      # otherwise be inf·0 = NaN in the mixture's logaddexp).
+      lq = jnp.where(zt == -jnp.inf, -jnp.inf, zt / temperature - lse_t[:, None])
       lm = _mixture_terms(lp, lq, coef, cfg)
       p, q = jnp.exp(lp), jnp.exp(lq)
       if cfg.divergence == "generalized_jsd":
@@ -459,6 +495,8 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg):
 
     (div, aux), _ = jax.lax.scan(
         pass2, _varying_like((zero, zero), x_s, w_s, teacher, hp), jnp.arange(nt))
+    if combine is not None:
+      div, aux = combine.sum(div, aux)
     if cfg.divergence == "generalized_jsd":
       # Endpoint convention of divergences.generalized_jsd, selected with jnp.where on β so it
       # is the same eagerly and under jit: β = 0 is KL(p_T‖p_S), β = 1 is KL(p_S‖p_T).
@@ -491,6 +529,15 @@ def _streaming_fwd(x_s, w_s, teacher, mask, labels, hp, cfg):
 
 
 def _streaming_bwd(cfg, res, g):
+  x_s, w_s, hp = res[0], res[1], res[5]
+  dx, dw, dhp = _streaming_bwd_parts(cfg, res, g)
+  dx, dw, dhp = _vjp_like((dx.astype(x_s.dtype), dw.astype(w_s.dtype), dhp), (x_s, w_s, hp))
+  return dx, dw, None, None, None, dhp
+
+
+def _streaming_bwd_parts(cfg, res, g, col_ok=None, combine=None):
+  """(dx, dW, dhp) of one device's vocabulary (compute dtype, not yet summed over devices);
+  ``col_ok`` and ``combine`` as in :func:`_stream_stats`."""
   dt = jnp.dtype(cfg.dtype)
   x_s, w_s, teacher, mask, labels, hp, stats = res
   v = w_s.shape[0]
@@ -502,7 +549,7 @@ def _streaming_bwd(cfg, res, g):
 
   def body(carry, i):
     dw, dx = carry
-    start, fresh = _window(v, vt, i)
+    start, fresh = _tile_window(v, vt, i, col_ok)
     zs, zt, w_tile = _tile_logits(x_s, w_s, teacher, start, vt, cfg)
     lp = zs / temperature - lse_s
     lq = zt / temperature - lse_t
@@ -537,11 +584,9 @@ def _streaming_bwd(cfg, res, g):
   # Hyper-parameter gradients (T, β/λ, kd_weight, ce_weight): forward mode over the 4 entries
   # of hp, so the cost is a few extra streaming sweeps and no [N, V] residual is stored.
   def weighted(h):
-    return jnp.sum(g * _stream_values(_stream_stats(x_s, w_s, teacher, labels, h, cfg), mask, h,
-                                      cfg))
-  dhp = jax.jacfwd(weighted)(hp)
-  dx, dw, dhp = _vjp_like((dx.astype(x_s.dtype), dw.astype(w_s.dtype), dhp), (x_s, w_s, hp))
-  return dx, dw, None, None, None, dhp
+    return jnp.sum(g * _stream_values(_stream_stats(x_s, w_s, teacher, labels, h, cfg, col_ok,
+                                                    combine), mask, h, cfg))
+  return dx, dw, jax.jacfwd(weighted)(hp)
 
 
 _streaming.defvjp(_streaming_fwd, _streaming_bwd)
@@ -575,7 +620,9 @@ def fused_linear_distillation_per_token(
     skew: float = 0.1, kd_weight: float = 1.0, scale_by_t2: bool = False,
     labels: Array | None = None, ce_weight: float = 1.0, ignore_index: int = -100,
     where: Array | None = None,
-    implementation: str = "chunked", chunk_size: int = 512, tile_size: int = 4096) -> Array:
+    implementation: str = "chunked", chunk_size: int = 512, tile_size: int = 4096,
+    mesh: jax.sharding.Mesh | None = None, vocab_axis: str | None = None,
+    token_axis: str | None = None) -> Array:
   r"""Per-token fused-head distillation loss, never materialising ``[N, V]`` (except "reference").
 
   .. math:: \ell_n = w_{kd}\,c_T\,D\big(\mathrm{softmax}(z_{T,n}/T), \mathrm{softmax}(z_{S,n}/T)\big)
@@ -609,11 +656,19 @@ def fused_linear_distillation_per_token(
     ce_weight: weight of the cross-entropy term (used only with ``labels``).
     ignore_index: label value that removes a token (both terms, and the normaliser).
     where: optional ``[...]`` boolean token mask.
-    implementation: ``"reference"``, ``"chunked"`` or ``"streaming"``.
+    implementation: ``"reference"``, ``"chunked"``, ``"streaming"`` or ``"pallas"``.
     chunk_size: tokens per scan step (``"chunked"``; clipped to the token count). Step j takes
       the tokens s·K + j (K steps), so token-sharded inputs stay sharded: no all-gather.
     tile_size: vocabulary columns per tile (``"streaming"``; ``"chunked"`` accumulates the
-      head-weight gradient in row tiles of this size); clipped to V.
+      head-weight gradient in row tiles of this size); clipped to V (to V / P with ``mesh``).
+    mesh: optional ``jax.sharding.Mesh`` for vocabulary parallelism, with
+      ``implementation="streaming"`` only (see "Vocabulary parallelism" in the module
+      docstring). None (default): the single-program behaviour above. Call from outside
+      ``jax.shard_map`` (eagerly or under ``jax.jit``).
+    vocab_axis: the mesh axis that shards the vocabulary: the rows of ``student_weight`` and
+      ``teacher_weight`` (or the last axis of ``teacher_logits``). Required with ``mesh``.
+    token_axis: optional mesh axis that shards the tokens at the same time (None: tokens
+      replicated over the mesh). Both axes are single axis names (str).
 
   Returns:
     ``[...]`` per-token loss (float32; float64 for float64 inputs), 0 at removed tokens.
@@ -625,12 +680,15 @@ def fused_linear_distillation_per_token(
 def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teacher_weight,
                         teacher_logits, student_bias, teacher_bias, divergence, temperature, beta, skew, kd_weight,
                         scale_by_t2, labels, ce_weight, ignore_index, where, implementation,
-                        chunk_size, tile_size):
+                        chunk_size, tile_size, mesh=None, vocab_axis=None, token_axis=None):
   if divergence not in DIVERGENCES:
     raise ValueError(f"`divergence` must be one of {DIVERGENCES}, got {divergence!r}.")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, "
                      f"got {implementation!r}.")
+  if mesh is not None or vocab_axis is not None or token_axis is not None:
+    from kdjax.losses import _fused_vocab_parallel  # pylint: disable=import-outside-toplevel
+    _fused_vocab_parallel.check_args(mesh, vocab_axis, token_axis, implementation)
   chunk_size = _check_size("chunk_size", chunk_size)
   tile_size = _check_size("tile_size", tile_size)
   _checks.check_positive("temperature", temperature)
@@ -746,14 +804,27 @@ def _per_token_and_mask(*, student_hidden, student_weight, teacher_hidden, teach
   cfg = _Cfg(divergence=divergence, chunk_size=min(chunk_size, n), tile_size=min(tile_size, v),
              has_labels=labels is not None, teacher_is_logits=teacher_logits is not None,
              dtype=jnp.dtype(dt).name)
-  values = _IMPLS[implementation](x_s, w_s, teacher, mask, lab, hp, cfg)
+  if mesh is not None:
+    from kdjax.losses import _fused_vocab_parallel  # pylint: disable=import-outside-toplevel
+    values = _fused_vocab_parallel.vocab_parallel_values(
+        x_s, w_s, teacher, mask, lab, hp, cfg, mesh=mesh, vocab_axis=vocab_axis,
+        token_axis=token_axis)
+  else:
+    values = _IMPLS[implementation](x_s, w_s, teacher, mask, lab, hp, cfg)
   return values.reshape(batch_shape), mask.reshape(batch_shape)
 
 
 # Module-level jits keyed on the static config: an eager call compiles once per shape/config
 # instead of tracing fresh scan closures on every call (P4); under an outer jit they inline.
+def _pallas(x_s, w_s, teacher, mask, labels, hp, cfg):
+  # Imported on first use: the kernel module pulls in jax.experimental.pallas.
+  from kdjax.losses import _fused_pallas  # pylint: disable=import-outside-toplevel
+  return _fused_pallas.pallas_values(x_s, w_s, teacher, mask, labels, hp, cfg)
+
+
 _IMPLS = {name: jax.jit(fn, static_argnums=(6,)) for name, fn in
-          (("reference", _reference), ("chunked", _chunked), ("streaming", _streaming))}
+          (("reference", _reference), ("chunked", _chunked), ("streaming", _streaming),
+           ("pallas", _pallas))}
 
 
 def fused_linear_distillation(
@@ -765,7 +836,8 @@ def fused_linear_distillation(
     labels: Array | None = None, ce_weight: float = 1.0, ignore_index: int = -100,
     where: Array | None = None,
     implementation: str = "chunked", chunk_size: int = 512,
-    tile_size: int = 4096) -> reductions.SumAndCount:
+    tile_size: int = 4096, mesh: jax.sharding.Mesh | None = None, vocab_axis: str | None = None,
+    token_axis: str | None = None) -> reductions.SumAndCount:
   """(sum, count) of :func:`fused_linear_distillation_per_token` over the kept tokens.
 
   The count excludes tokens removed by ``where`` or ``ignore_index``; take the mean once per
