@@ -94,7 +94,9 @@ _FULL = ("forward_kl", "reverse_kl", "jsd", "tv")
 ALLOWED = {"offline": _FULL, "online": _FULL, "gkd": _FULL, "seqkd": ("ce",),
            "onpolicy": _FULL + ("k1_reward", "k3_loss")}
 _FUSED = {"forward_kl": "forward_kl", "reverse_kl": "reverse_kl", "jsd": "generalized_jsd"}
-_MAX_VOCAB = 65_535
+# The oracle keys a trigram context (h2, h1) as one int32 h2·(V'+2) + h1 (jax's default integer
+# width), so (V'+2)² <= 2³¹: V' <= 46,338. The fused losses themselves have no such limit.
+_MAX_VOCAB = 46_338
 
 
 def parse_arm(arm: str) -> tuple[str, str]:
