@@ -207,3 +207,22 @@ def test_eager_named_wrapper_and_argument_errors():
       (dict(vp, implementation="reference"), "implementation", ValueError)):
     with pytest.raises(err, match=name):
       call(**bad)
+
+
+def test_default_explicit_mesh_with_unsharded_inputs():
+  """``jax.make_mesh``'s default (Explicit) axes with plain single-device inputs, eagerly and
+  under jit: the inputs are laid out for shard_map first (a shard_map in_specs error before).
+  Eager autodiff of Explicit-typed values needs ``jax.set_mesh`` (JAX's rule, not ours)."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  x_s, w_s, x_t, w_t, labels, mask, _ = _inputs(24, 40, seed=3)
+
+  def loss(x_s, w_s, **kw):
+    return fl.fused_linear_distillation(x_s, w_s, x_t, w_t, divergence="reverse_kl",
+                                        labels=labels, where=mask, tile_size=4, **kw).mean()
+
+  want = jax.value_and_grad(loss, argnums=(0, 1))(x_s, w_s, implementation="reference")
+  vp = dict(implementation="streaming", mesh=mesh, vocab_axis="model", token_axis="data")
+  _assert_close(loss(x_s, w_s, **vp), want[0])
+  _assert_close(jax.jit(lambda a, b: loss(a, b, **vp))(x_s, w_s), want[0])
+  with jax.set_mesh(mesh):
+    _assert_close(jax.value_and_grad(loss, argnums=(0, 1))(x_s, w_s, **vp), want)

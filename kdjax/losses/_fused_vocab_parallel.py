@@ -151,8 +151,11 @@ def _values(x_s, w_s, teacher, mask, labels, hp, cfg, mesh, vocab_axis, token_ax
   tok = P(token_axis)
   in_specs = (P(token_axis, None), P(vocab_axis, None), t_specs, tok, tok, P())
   args = (x_s, w_s, teacher, mask, labels, hp)
-  explicit = any(fl._explicit_sharding(a) is not None  # pylint: disable=protected-access
-                 for a in jax.tree.leaves(args))
+  # jax.make_mesh's default axes are Explicit: there even unsharded (or differently sharded)
+  # inputs must be laid out as in_specs first.
+  explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types) or any(
+      fl._explicit_sharding(a) is not None  # pylint: disable=protected-access
+      for a in jax.tree.leaves(args))
   if explicit:  # an Explicit mesh's shard_map takes inputs laid out as in_specs only
     args = jax.tree.map(lambda a, s: jax.reshard(a, NS(mesh, s)), args, in_specs)
   fn = jax.shard_map(lambda *a: _vp_streaming(*a, cfg, vp), mesh=mesh, in_specs=in_specs,

@@ -86,7 +86,8 @@ one ``psum`` of the second pass, formed from the global log-normalisers). The he
 never all-gathered and no ``[N, V]`` array is formed; ``dW_S`` stays sharded like ``W_S`` (summed
 over ``token_axis``), ``dx_S`` is summed over ``vocab_axis``, and the hyper-parameter gradients
 equal the reference's. Call it eagerly or under ``jax.jit``, not inside an outer
-``jax.shard_map``. V not a multiple of the vocab-axis size is padded with masked columns (one
+``jax.shard_map``; on a mesh with Explicit axes (``jax.make_mesh``'s default) differentiate
+under ``jax.set_mesh(mesh)`` or inside ``jax.jit``, as JAX requires for Explicit-typed values. V not a multiple of the vocab-axis size is padded with masked columns (one
 padded copy of ``W_S``, ``W_T`` or ``teacher_logits``), N not a multiple of the token-axis size
 with masked rows (a padded copy of the per-token inputs); such a V cannot be a sharded input,
 so the weight usually arrives replicated and its gradient comes back replicated (gathered at
