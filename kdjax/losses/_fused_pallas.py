@@ -646,32 +646,14 @@ def pallas_stats(x_s, w_s, teacher, labels, hp, cfg, opts: _Opts) -> dict:
   xs, ws, tp, lab = _prepare(x_s, w_s, teacher, labels, opts, cfg)
   out = _call(cfg, opts, 1, v, params, xs, ws, tp, [lab] if cfg.has_labels else [])
   out = [o[:n, 0] for o in out]
-  ms, ls, mt, lt, a, b = out[:6]
-  lse_s, lse_t = fl._log_norm(ms, ls), fl._log_norm(mt, lt)  # pylint: disable=protected-access
-  safe_lt = jnp.where(lt > 0, lt, 1.0)
-  safe_ls = jnp.where(ls > 0, ls, 1.0)
-  stats = dict(lse_s=lse_s, lse_t=lse_t)
-  if cfg.divergence == "forward_kl":
-    stats["div"] = a / safe_lt - lse_t + lse_s
-    stats["aux"] = jnp.zeros_like(lse_s)
-  elif cfg.divergence == "reverse_kl":
-    stats["div"] = b / safe_ls - lse_s + lse_t
-    stats["aux"] = stats["div"]
-  else:
+  carry = tuple(out[:9]) if cfg.has_labels else tuple(out[:6]) + (None,) * 3
+
+  def second_pass(lse_s, lse_t):  # JSD / skew KL: a second kernel once the normalisers are known
     n_pad = xs.shape[0]
     extra = [_pad_to(lse_s[:, None], (n_pad, 1)), _pad_to(lse_t[:, None], (n_pad, 1))]
-    div, aux = (o[:n, 0] for o in _call(cfg, opts, 2, v, params, xs, ws, tp, extra))
-    if cfg.divergence == "generalized_jsd":
-      kl_f = a / safe_lt - lse_t + lse_s
-      kl_r = b / safe_ls - lse_s + lse_t
-      div = jnp.where(coef == 0.0, kl_f, jnp.where(coef == 1.0, kl_r, div))
-      stats["kl_r"] = kl_r
-    stats["div"], stats["aux"] = div, aux
-  if cfg.has_labels:
-    mc, lc, picked = out[6:9]
-    stats["lse_c"] = fl._log_norm(mc, lc)  # pylint: disable=protected-access
-    stats["ce"] = stats["lse_c"] - picked
-  return stats
+    return tuple(o[:n, 0] for o in _call(cfg, opts, 2, v, params, xs, ws, tp, extra))
+
+  return fl._finish_stats(carry, coef, cfg, second_pass)  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------- custom VJP

@@ -422,7 +422,7 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg, col_ok=None, combine=None)
   merges the sweeps' partial results over vocabulary shards (``_fused_vocab_parallel``):
   ``combine.pass1(carry, cfg)`` after pass 1 and ``combine.sum(div, aux)`` after pass 2."""
   dt = jnp.dtype(cfg.dtype)
-  n, v = x_s.shape[0], w_s.shape[0]
+  v = w_s.shape[0]
   vt = cfg.tile_size
   temperature, coef = hp[0], hp[1]
   nt = _num_windows(v, vt)
@@ -460,19 +460,8 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg, col_ok=None, combine=None)
   carry, _ = jax.lax.scan(pass1, init, jnp.arange(nt))
   if combine is not None:
     carry = combine.pass1(carry, cfg)
-  ms, ls, mt, lt, a, b, mc, lc, picked = carry
-  lse_s, lse_t = _log_norm(ms, ls), _log_norm(mt, lt)
-  safe_lt = jnp.where(lt > 0, lt, 1.0)
-  safe_ls = jnp.where(ls > 0, ls, 1.0)
-  stats = dict(lse_s=lse_s, lse_t=lse_t)
-  if cfg.divergence == "forward_kl":
-    stats["div"] = a / safe_lt - lse_t + lse_s
-    stats["aux"] = zero
-  elif cfg.divergence == "reverse_kl":
-    stats["div"] = b / safe_ls - lse_s + lse_t
-    stats["aux"] = stats["div"]  # the KL itself enters the backward pass
-  else:
-    # Pass 2: the mixture needs both normalisers, so it is a second sweep.
+  # Pass 2 (JSD, skew KL): the mixture needs both normalisers, so it is a second sweep.
+  def second_pass(lse_s, lse_t):
     def pass2(carry, i):
       div, aux = carry
       start, fresh = _tile_window(v, vt, i, col_ok)
@@ -498,6 +487,28 @@ def _stream_stats(x_s, w_s, teacher, labels, hp, cfg, col_ok=None, combine=None)
         pass2, _varying_like((zero, zero), x_s, w_s, teacher, hp), jnp.arange(nt))
     if combine is not None:
       div, aux = combine.sum(div, aux)
+    return div, aux
+
+  return _finish_stats(carry, coef, cfg, second_pass)
+
+
+def _finish_stats(carry, coef, cfg, second_pass):
+  """The stats dict from the pass-1 sums ``carry`` (max, sum-exp per side, the KL accumulators,
+  the CE's log-sum-exp and picked logit); ``second_pass(lse_s, lse_t) -> (div, aux)`` runs the
+  mixture sweep of JSD / skew KL. Shared by the XLA and Pallas streaming paths."""
+  ms, ls, mt, lt, a, b, mc, lc, picked = carry
+  lse_s, lse_t = _log_norm(ms, ls), _log_norm(mt, lt)
+  safe_lt = jnp.where(lt > 0, lt, 1.0)
+  safe_ls = jnp.where(ls > 0, ls, 1.0)
+  stats = dict(lse_s=lse_s, lse_t=lse_t)
+  if cfg.divergence == "forward_kl":
+    stats["div"] = a / safe_lt - lse_t + lse_s
+    stats["aux"] = jnp.zeros_like(lse_s)
+  elif cfg.divergence == "reverse_kl":
+    stats["div"] = b / safe_ls - lse_s + lse_t
+    stats["aux"] = stats["div"]  # the KL itself enters the backward pass
+  else:
+    div, aux = second_pass(lse_s, lse_t)
     if cfg.divergence == "generalized_jsd":
       # Endpoint convention of divergences.generalized_jsd, selected with jnp.where on β so it
       # is the same eagerly and under jit: β = 0 is KL(p_T‖p_S), β = 1 is KL(p_S‖p_T).
