@@ -223,7 +223,9 @@ def _readme_commands() -> list[list[str]]:
     if "python -m experiments.main" not in line:
       continue
     line = line.split("python -m experiments.main", 1)[1].split("#")[0].split("`")[0]
-    cmds.append(shlex.split(line.replace("$w", "64")))  # the width-sweep loop variable
+    # the loop variables of the README's sweeps: width, seed, mode
+    line = line.replace("$w", "64").replace("$s", "1").replace("$m", "offline")
+    cmds.append(shlex.split(line))
   return cmds
 
 
