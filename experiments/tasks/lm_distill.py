@@ -499,10 +499,7 @@ def run(config, workdir) -> dict[str, Any]:
     t_steps = int(config.teacher_steps)
     held_t = None
     t_eval = _Evaluator(config, oracle_t, oracle_t, held_o, held_o)
-    # A teacher_workdir naming this run's own workdir is the plain path: train (or resume) here.
-    other = config.teacher_workdir and (
-        pathlib.Path(config.teacher_workdir).expanduser().resolve() != workdir.resolve())
-    if other:
+    if config.teacher_workdir:
       t_dir = pathlib.Path(config.teacher_workdir).expanduser() / "checkpoints" / "teacher"
       teacher = T.TransformerTeacher.restore(
           t_dir, model_cfg=config.teacher_model, opt_cfg=config.optimizer,
