@@ -111,8 +111,8 @@ def test_bfloat16_inputs_and_eager_equals_jit():
 
 
 def test_gpu_loop_variant_and_tpu_interpret():
-  """The GPU ("loop": vocabulary and hidden-dim loops inside the kernel) code path, and, when
-  available, the TPU-semantics interpreter (pltpu.InterpretParams: SMEM scalars, (8, 128)
+  """The GPU ("loop": vocabulary and hidden-dim loops inside the kernel) code path, and the
+  TPU-semantics interpreter (pltpu.InterpretParams of the pinned JAX: SMEM scalars, (8, 128)
   blocks), both in interpret mode, equal the reference. The TPU run is reverse KL with a -inf
   teacher logit: +inf at that token exactly as the reference (support violation)."""
   x_s, w_s, _, x_t, w_t, labels, mask = _inputs(seed=3)
@@ -125,8 +125,6 @@ def test_gpu_loop_variant_and_tpu_interpret():
   with fp.override(variant="loop", block_h=4):   # H = 8, H_T = 6 -> padded to 8: 2 chunks
     _close(*both())
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
-  if not hasattr(pltpu, "InterpretParams"):
-    pytest.skip("this JAX has no pltpu.InterpretParams")
   kw = dict(teacher_logits=(x_t @ w_t.T).at[2, 7].set(-jnp.inf), divergence="reverse_kl",
             temperature=1.5, labels=labels, **BLOCKS)
   with fp.override(interpret=pltpu.InterpretParams()):
