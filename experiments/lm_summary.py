@@ -42,8 +42,8 @@ __all__ = ["eval_curves", "hacking_flag", "loglog_residual", "summarize_hacking"
 _EVAL_KEYS = ("golden_fkl", "golden_rkl", "proxy_fkl", "proxy_rkl", "oracle_nll", "ppl")
 
 
-def _arm_phases(workdir: pathlib.Path) -> list[str]:
-  res = json.loads((workdir / "results.json").read_text())
+def _arm_phases(res: dict) -> list[str]:
+  """The student phases of a results.json (lm_distill names them student_<mode>_<objective>)."""
   return [f"student_{arm.replace(':', '_')}" for arm in res["arms"]]
 
 
@@ -103,10 +103,10 @@ def summarize_hacking(workdirs: Iterable) -> tuple[list[dict], dict]:
   runs: dict[str, list[dict]] = {}
   for wd in workdirs:
     wd = pathlib.Path(wd)
-    for ph in _arm_phases(wd):
+    res = json.loads((wd / "results.json").read_text())
+    for ph in _arm_phases(res):
       c = eval_curves(wd, ph)
       c["workdir"] = str(wd)
-      res = json.loads((wd / "results.json").read_text())
       c["teacher_golden"] = float(res["rows"][0].get("golden_fkl", np.nan))
       runs.setdefault(_regime(ph), []).append(c)
   rows = []
